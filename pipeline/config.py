@@ -1,0 +1,204 @@
+"""The job config: YAML validated by pydantic. Unknown keys are errors; messages name the key.
+
+The names here are the user-facing contract (see README "Config reference").
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A config, input or model problem reported to the user as one line, before any output exists."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputFormat(str, Enum):
+    auto = "auto"
+    parquet = "parquet"
+    jsonl = "jsonl"
+
+
+class InputConfig(_Strict):
+    paths: list[str] = Field(min_length=1)
+    format: InputFormat = InputFormat.auto
+    text_column: str = "text"
+    id_column: str | None = "id"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    max_chars: int | None = Field(default=None, gt=0)
+    on_bad_file: Literal["fail", "skip"] = "fail"
+    on_duplicate_id: Literal["keep", "fail"] = "keep"
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class OutputMode(str, Enum):
+    error = "error"
+    overwrite = "overwrite"
+    append = "append"
+    resume = "resume"
+    incremental = "incremental"
+
+
+class OutputConfig(_Strict):
+    path: str
+    format: Literal["parquet", "iceberg", "delta"] = "parquet"
+    partition_by: list[str] = Field(default_factory=list)
+    mode: OutputMode = OutputMode.error
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    table: str | None = None
+    catalog: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskKind(str, Enum):
+    classification = "classification"
+    sentiment = "sentiment"
+    ner = "ner"
+
+
+class Aggregation(str, Enum):
+    """Same strategies as ``transformers.pipelines.AggregationStrategy``."""
+
+    none = "none"
+    simple = "simple"
+    first = "first"
+    average = "average"
+    max = "max"
+
+
+_TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+
+
+class TaskConfig(_Strict):
+    name: str
+    kind: TaskKind
+    model: str
+    revision: str | None = None
+    top_k: int = Field(default=1, ge=1)
+    function_to_apply: Literal["default", "softmax", "sigmoid", "none"] = "default"
+    labels: dict[str, Literal["positive", "negative", "neutral"]] | None = None
+    aggregation: Aggregation = Aggregation.simple
+    long_text: Literal["truncate", "chunk"] = "truncate"
+    chunk_pooling: Literal["mean", "max"] = "mean"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_column_prefix(cls, value: str) -> str:
+        if not _TASK_NAME.match(value):
+            raise ValueError("must be lower_snake_case (a-z, 0-9, _), start with a letter, at most 41 chars")
+        return value
+
+
+class RuntimeConfig(_Strict):
+    address: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantize: Literal["none", "int8"] = "none"
+    actors: int | tuple[int, int] = 1
+    gpus_per_actor: float = Field(default=1, gt=0)
+    cpus_per_actor: float = Field(default=1, gt=0)
+    threads_per_actor: int | None = Field(default=None, ge=1)
+    max_length: int = Field(default=512, ge=8)
+    stride: int | None = Field(default=None, ge=0)
+    max_tokens_per_batch: int = Field(default=8192, ge=64)
+    max_rows_per_batch: int = Field(default=256, ge=1)
+    rows_per_block: int = Field(default=512, ge=1)
+    precision_check_rows: int = Field(default=16, ge=0)
+
+    @field_validator("actors")
+    @classmethod
+    def _pool_size(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if low < 1 or high < low:
+            raise ValueError("must be a positive int or [min, max] with 1 <= min <= max")
+        return value
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> RuntimeConfig:
+        if self.stride is not None and self.stride >= self.max_length - 2:
+            raise ValueError("runtime.stride must be smaller than runtime.max_length - 2")
+        return self
+
+    @property
+    def window_stride(self) -> int:
+        """Overlap between windows of long texts; a quarter of a window unless set."""
+        return self.stride if self.stride is not None else self.max_length // 4
+
+
+class JobConfig(_Strict):
+    input: InputConfig
+    output: OutputConfig
+    tasks: list[TaskConfig] = Field(min_length=1)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _unique_task_names(self) -> JobConfig:
+        names = [t.name for t in self.tasks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"task names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set a.b.c=VALUE`` overrides; VALUE is parsed as YAML (``[x, y]``, ``3``, ``null``)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    return raw
+
+
+def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML mapping from a local file and apply ``--set`` overrides."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return apply_overrides(raw, overrides or [])
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem, each naming the dotted key, e.g. ``tasks.1.kind: Input should be ...``."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    raw = read_yaml(path, overrides)
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from exc
