@@ -1,0 +1,152 @@
+"""Output commit protocol: write to a staging folder, verify, then publish in one step.
+
+Ray Data's Parquet writer writes files in place as blocks finish, so a crash leaves a partial output
+that looks like data. bertpipe therefore has Ray write into ``<parent>/.<name>.staging/``, counts and
+checks what was written, and only then publishes it: a rename of the folder for ``error``/``overwrite``
+(the old output is renamed away first and deleted last, so a failed overwrite keeps it), or a move of
+the new files for ``append``. The run summary and the ``_SUCCESS`` marker are written last. On object
+stores a "rename" is a copy plus delete: publishing is then not atomic, but ``_SUCCESS`` still is the
+last thing written, and readers that wait for it never see a partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from pipeline import columns as C
+from pipeline.config import ConfigError
+
+SUCCESS = "_SUCCESS"
+RUNS = "_runs"
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pa.fs.FileSystem:
+    """A pyarrow filesystem for Ray's readers and writers; the local disk gets Arrow's native one."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return pa.fs.LocalFileSystem()
+    return pa.fs.PyFileSystem(pa.fs.FSSpecHandler(fs))
+
+
+@dataclass(frozen=True)
+class OutputLocation:
+    fs: fsspec.AbstractFileSystem
+    path: str  # the output folder, as the filesystem names it (no scheme)
+
+    @classmethod
+    def from_url(cls, url: str, storage_options: dict[str, Any]) -> OutputLocation:
+        fs, path = url_to_fs(url, **storage_options)
+        return cls(fs, path.rstrip("/"))
+
+    def _sibling(self, suffix: str) -> str:
+        parent, name = posixpath.split(self.path)
+        return posixpath.join(parent, f".{name}.{suffix}")
+
+    @property
+    def staging(self) -> str:
+        return self._sibling("staging")
+
+    @property
+    def checkpoint(self) -> str:
+        return self._sibling("checkpoint")
+
+    def has_data(self) -> bool:
+        return self.fs.exists(self.path) and bool(self.fs.ls(self.path))
+
+    def is_complete(self) -> bool:
+        return self.fs.exists(posixpath.join(self.path, SUCCESS))
+
+    def reset_staging(self) -> None:
+        if self.fs.exists(self.staging):
+            self.fs.rm(self.staging, recursive=True)
+        self.fs.makedirs(self.staging, exist_ok=True)
+
+
+def data_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    if not fs.exists(root):
+        return []
+    def hidden(path: str) -> bool:
+        return any(part.startswith(("_", ".")) for part in path[len(root) :].split("/"))
+
+    return sorted(p for p in fs.find(root) if p.endswith(".parquet") and not hidden(p))
+
+
+@dataclass
+class WriteStats:
+    rows: int
+    distinct_keys: int
+    errors_by_reason: dict[str, int]
+    files: int
+    duplicate_ids: int
+
+
+def staged_stats(location: OutputLocation, id_column: str) -> WriteStats:
+    """Count what was staged, reading only the row key, id and ``_error`` columns of each file."""
+    files = data_files(location.fs, location.staging)
+    rows, keys, ids, reasons = 0, set(), Counter(), Counter()
+    for path in files:
+        with location.fs.open(path, "rb") as fh:
+            table = pq.read_table(fh, columns=list(dict.fromkeys([C.ROW_KEY, C.ERROR, id_column])))
+        rows += table.num_rows
+        keys.update(table.column(C.ROW_KEY).to_pylist())
+        ids.update(table.column(id_column).to_pylist())
+        reasons.update(r for r in table.column(C.ERROR).to_pylist() if r is not None)
+    duplicates = sum(n - 1 for n in ids.values() if n > 1)
+    return WriteStats(rows, len(keys), dict(reasons), len(files), duplicates)
+
+
+def publish(location: OutputLocation, mode: str, run_id: str, summary: dict[str, Any]) -> None:
+    """Make the staged output the output, then write the run summary and ``_SUCCESS``."""
+    fs = location.fs
+    if fs.exists(posixpath.join(location.path, SUCCESS)):
+        fs.rm(posixpath.join(location.path, SUCCESS))  # readers must not trust the output while it changes
+    if mode == "append" and fs.exists(location.path):
+        for src in data_files(fs, location.staging):
+            dst = posixpath.join(location.path, src[len(location.staging) + 1 :])
+            fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            fs.mv(src, dst)
+        fs.rm(location.staging, recursive=True)
+    else:
+        old = f"{location.path}.old-{run_id}"
+        if fs.exists(location.path):
+            if mode == "error" and location.has_data():
+                raise ConfigError(f"output.path {location.path} appeared during the run; not overwriting it")
+            fs.mv(location.path, old, recursive=True)
+        _rename_dir(fs, location.staging, location.path)
+        if fs.exists(old):
+            keep = (
+                [p for p in fs.ls(posixpath.join(old, RUNS))] if fs.exists(posixpath.join(old, RUNS)) else []
+            )
+            for past in keep:  # the history of runs outlives the data it described
+                fs.mv(past, posixpath.join(location.path, RUNS, posixpath.basename(past)))
+            fs.rm(old, recursive=True)
+    write_json(fs, posixpath.join(location.path, RUNS, f"{run_id}.json"), summary)
+    with fs.open(posixpath.join(location.path, SUCCESS), "w") as fh:
+        fh.write(run_id + "\n")
+
+
+def _rename_dir(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        import os
+
+        os.makedirs(posixpath.dirname(dst) or "/", exist_ok=True)
+        os.replace(src, dst)  # one atomic rename on a local disk
+    else:
+        fs.mv(src, dst, recursive=True)
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, payload: dict[str, Any]) -> None:
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as fh:
+        json.dump(payload, fh, indent=2, default=str)
+        fh.write("\n")

@@ -1,0 +1,182 @@
+"""Model and tokenizer loading with safe defaults, plus device and precision choice.
+
+``inspect_model`` runs on the driver before anything is read, so that an unloadable model, pickle-only
+weights or unmappable sentiment labels fail fast with one line. ``load_model`` runs once per actor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import ConfigError, TaskConfig, TaskKind
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver learns about a task's model without loading its weights."""
+
+    task: str
+    kind: TaskKind
+    source: str  # what actors pass to from_pretrained: a local folder or a hub id
+    revision: str | None
+    id2label: dict[int, str]
+    problem_type: str | None
+    tokenizer_key: str  # equal keys tokenise identically, so their tasks share one tokenisation
+    weights_sha256: str
+    weight_files: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+
+def _local_folder(task: TaskConfig) -> Path:
+    """The task's model as a local folder; hub ids are fetched into the HF cache (never run code)."""
+    path = Path(task.model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"task {task.name!r}: model path {task.model} is not a folder")
+        return path
+    if not _HUB_ID.match(task.model):
+        raise ConfigError(f"task {task.name!r}: model folder not found: {task.model}")
+    patterns = ["*.json", "*.txt", "*.model", "*.safetensors"]
+    if task.allow_pickle:
+        patterns += [f"*{s}" for s in PICKLE_SUFFIXES]
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(task.model, revision=task.revision, allow_patterns=patterns))
+    except Exception as exc:  # noqa: BLE001 - any hub failure is one user-facing line
+        raise ConfigError(
+            f"task {task.name!r}: cannot load model {task.model!r} (not a local folder, and the hub "
+            f"said: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+
+def _weight_files(folder: Path, task: TaskConfig) -> list[Path]:
+    safe = sorted(folder.glob("*.safetensors"))
+    if safe:
+        return safe
+    pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled and not task.allow_pickle:
+        raise ConfigError(
+            f"task {task.name!r}: model {task.model} has only pickle weights ({pickled[0].name}); pickle "
+            f"files can run code when loaded. Convert them to safetensors, or set `allow_pickle: true` "
+            f"on the task if you trust them"
+        )
+    if not pickled:
+        raise ConfigError(f"task {task.name!r}: no weights (*.safetensors) in model folder {folder}")
+    return pickled
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_tokenizer(source: str, task: TaskConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        source, revision=task.revision, trust_remote_code=task.trust_remote_code
+    )
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(
+            f"task {task.name!r}: tokenizer of {task.model} is not a fast (Rust) tokenizer; "
+            f"character offsets need one"
+        )
+    return tok
+
+
+def tokenizer_key(tok) -> str:
+    """Hash of the whole serialised tokenizer pipeline (normaliser, pre-tokeniser, vocabulary)."""
+    return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:12]
+
+
+def inspect_model(task: TaskConfig) -> ModelInfo:
+    from transformers import AutoConfig
+
+    folder = _local_folder(task)
+    weights = _weight_files(folder, task)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=task.trust_remote_code)
+        tok = load_tokenizer(str(folder), task)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"task {task.name!r}: cannot load model {task.model}: {first}") from exc
+    id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
+    if not id2label:
+        raise ConfigError(f"task {task.name!r}: model {task.model} has no id2label in its config")
+    local = Path(task.model).expanduser().exists()
+    return ModelInfo(
+        task=task.name,
+        kind=task.kind,
+        source=str(folder.resolve()) if local else task.model,
+        revision=task.revision,
+        id2label=id2label,
+        problem_type=getattr(config, "problem_type", None),
+        tokenizer_key=tokenizer_key(tok),
+        weights_sha256=_sha256(weights),
+        weight_files=tuple(p.name for p in weights),
+    )
+
+
+def load_model(task: TaskConfig, source: str):
+    """Load the task's model for inference (eval mode, fp32 weights; precision is applied by autocast)."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    cls = AutoModelForTokenClassification if task.kind == TaskKind.ner else AutoModelForSequenceClassification
+    model = cls.from_pretrained(
+        source,
+        revision=task.revision,
+        trust_remote_code=task.trust_remote_code,
+        use_safetensors=None if task.allow_pickle else True,
+    )
+    return model.eval()
+
+
+def cpu_supports_bf16() -> bool:
+    """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(requested: str) -> str:
+    """The device an actor runs on; ``cuda`` without a CUDA device falls back to CPU with a warning."""
+    import torch
+
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if requested == "cuda":
+        log.warning("runtime.device is cuda but this actor sees no CUDA device; running on CPU")
+    return "cpu"
+
+
+def resolve_dtype(requested: str, device: str):
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else torch.float32

@@ -1,0 +1,351 @@
+"""The run: check everything that can be checked up front, then stream read -> prepare -> infer ->
+postprocess -> write on Ray Data, verify the counts and publish. The only module that imports Ray.
+
+The path of one row: ``io/reader.py`` (read, ``_row_key``) -> ``stages/prepare.py`` (``_error``,
+tokens) -> ``stages/infer.py`` (logits) -> ``stages/postprocess.py`` with ``tasks/*`` (labels, spans) ->
+``io/writer.py`` (staging, publish).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from pipeline import __version__
+from pipeline import columns as C
+from pipeline.config import ConfigError, JobConfig, TaskKind
+from pipeline.io.paths import Shard, discover, redact, redact_options
+from pipeline.io.reader import ShardReport, inspect_shard
+from pipeline.io.writer import OutputLocation, arrow_filesystem, publish, staged_stats
+from pipeline.models.loading import ModelInfo, inspect_model
+from pipeline.stages.infer import ModelTask
+from pipeline.stages.prepare import TokenizerGroup
+from pipeline.tasks.sentiment import sentiment_label_map
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """Everything decided before Ray runs anything: models, groups, shards and their checks."""
+
+    config: JobConfig
+    infos: dict[str, ModelInfo]
+    model_tasks: list[ModelTask]
+    groups: list[TokenizerGroup]
+    shards: list[Shard]
+    reports: list[ShardReport]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    derive_id: str | None = None
+
+    @property
+    def good_shards(self) -> list[Shard]:
+        bad = {s["file"] for s in self.skipped}
+        return [s for s in self.shards if s.url not in bad]
+
+    @property
+    def rows_in(self) -> int:
+        bad = {s["file"] for s in self.skipped}
+        return sum(r.rows for r in self.reports if r.shard.url not in bad)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def plan_models(config: JobConfig) -> tuple[dict[str, ModelInfo], list[ModelTask], list[TokenizerGroup]]:
+    infos = {task.name: inspect_model(task) for task in config.tasks}
+    for task in config.tasks:
+        if task.kind == TaskKind.sentiment:
+            sentiment_label_map(task, infos[task.name])
+        if task.kind == TaskKind.ner and task.top_k != 1:
+            raise ConfigError(f"tasks.{task.name}.top_k applies to classification and sentiment only")
+    groups: dict[str, TokenizerGroup] = {}
+    for task in config.tasks:
+        info = infos[task.name]
+        needs_windows = task.kind == TaskKind.ner or task.long_text == "chunk"
+        prev = groups.get(info.tokenizer_key)
+        groups[info.tokenizer_key] = TokenizerGroup(
+            key=info.tokenizer_key,
+            source=prev.source if prev else info.source,
+            revision=prev.revision if prev else info.revision,
+            trust_remote_code=(prev.trust_remote_code if prev else False) or task.trust_remote_code,
+            all_windows=(prev.all_windows if prev else False) or needs_windows,
+            offsets=(prev.offsets if prev else False) or task.kind == TaskKind.ner,
+        )
+    model_tasks = [ModelTask(t, infos[t.name], infos[t.name].tokenizer_key) for t in config.tasks]
+    return infos, model_tasks, list(groups.values())
+
+
+def check_shards(config: JobConfig, shards: list[Shard], inspect) -> tuple[list[ShardReport], list[dict]]:
+    """Apply ``input.on_bad_file`` to unreadable files, files without the text column and schema drift."""
+    reports = inspect(shards)
+    bad = {r.shard.url: r.problem for r in reports if r.problem}
+    reference: dict[str, Any] = {}
+    for report in reports:
+        if report.problem or report.schema is None:
+            continue
+        for f in report.schema:
+            if f.name == config.input.text_column or str(f.type) == "null":
+                continue
+            seen = reference.setdefault(f.name, (f.type, report.shard.url))
+            if seen[0] != f.type:
+                bad[report.shard.url] = (
+                    f"schema differs: column {f.name!r} is {f.type} here but {seen[0]} in {seen[1]}"
+                )
+    if bad and config.input.on_bad_file == "fail":
+        url, problem = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"bad input file {redact(url)}: {problem}{more}; set input.on_bad_file: skip to skip"
+        )
+    skipped = [{"file": redact(url), "reason": problem} for url, problem in bad.items()]
+    for item in skipped:
+        log.warning("skipping bad input file %s: %s", item["file"], item["reason"])
+    if len(skipped) == len(reports):
+        raise ConfigError("every input file is bad; nothing to do")
+    return reports, skipped
+
+
+def resolve_id_column(config: JobConfig, reports: list[ShardReport], skipped: list[dict]) -> str | None:
+    """The column to derive ids into, or None when the input has its own ids in every file."""
+    id_column = config.input.id_column or C.DERIVED_ID
+    if config.input.id_column is None:
+        return id_column
+    bad = {s["file"] for s in skipped}
+    has = [id_column in r.columns for r in reports if r.shard.url not in bad and r.rows]
+    if all(has):
+        return None
+    if not any(has):
+        log.info("input has no %r column: deriving stable ids from file path and row number", id_column)
+        return id_column
+    raise ConfigError(f"input.id_column {id_column!r} is present in some files and missing in others")
+
+
+def check_columns(config: JobConfig, reports: list[ShardReport], derive_id: str | None) -> None:
+    known = (
+        {c for r in reports for c in r.columns} | {C.ROW_KEY, C.ERROR} | ({derive_id} if derive_id else set())
+    )
+    for task in config.tasks:
+        if task.kind == TaskKind.ner:
+            known.add(task.name)
+        else:
+            known |= {C.label(task.name), C.score(task.name)}
+    for name in config.output.partition_by:
+        if name not in known:
+            raise ConfigError(f"output.partition_by: unknown column {name!r}")
+    clashes = {C.label(t.name) for t in config.tasks} & {c for r in reports for c in r.columns}
+    if clashes:
+        raise ConfigError(f"input already has task output column(s) {sorted(clashes)}; rename the task")
+
+
+def plan(config: JobConfig, inspect) -> Plan:
+    infos, model_tasks, groups = plan_models(config)
+    shards = discover(config.input.paths, config.input.format, config.input.storage_options)
+    reports, skipped = check_shards(config, shards, inspect)
+    derive_id = resolve_id_column(config, reports, skipped)
+    check_columns(config, reports, derive_id)
+    return Plan(config, infos, model_tasks, groups, shards, reports, skipped, derive_id)
+
+
+def inspect_locally(config: JobConfig):
+    """Pre-flight checks in threads on this machine (``bertpipe validate``)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.io.paths import filesystem_for
+
+    def run(shards: list[Shard]) -> list[ShardReport]:
+        if not shards:
+            return []
+        fs = filesystem_for(shards[0].url, config.input.storage_options)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(lambda s: inspect_shard(fs, s, config.input.text_column), shards))
+
+    return run
+
+
+def inspect_on_ray(config: JobConfig):
+    """Pre-flight checks as Ray tasks, next to the data on a cluster."""
+    import ray
+
+    from pipeline.io.paths import filesystem_for
+
+    @ray.remote(num_cpus=0.25)
+    def check(shard: Shard) -> ShardReport:
+        return inspect_shard(
+            filesystem_for(shard.url, config.input.storage_options), shard, config.input.text_column
+        )
+
+    return lambda shards: ray.get([check.remote(s) for s in shards])
+
+
+def init_ray(address: str | None) -> None:
+    """Join ``address`` or start a fresh local Ray (never a stale cluster recorded in /tmp/ray)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+
+
+def resolve_device(requested: str) -> str:
+    import ray
+
+    if requested == "auto":
+        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return requested
+
+
+def build_dataset(p: Plan, device: str):
+    """The lazy Ray Data plan: read -> prepare -> infer -> postprocess (-> partition sanitiser)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.io.partitions import PartitionSanitiser
+    from pipeline.io.paths import filesystem_for
+    from pipeline.io.reader import ShardDatasource
+    from pipeline.stages.infer import InferStage
+    from pipeline.stages.postprocess import PostprocessStage
+    from pipeline.stages.prepare import PrepareStage
+
+    cfg, rt = p.config, p.config.runtime
+    shards = p.good_shards
+    fs = arrow_filesystem(filesystem_for(shards[0].url, cfg.input.storage_options))
+    source = ShardDatasource(shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block)
+    ds = ray.data.read_datasource(source, num_cpus=0.25)
+    ds = ds.map_batches(
+        PrepareStage,
+        fn_constructor_kwargs=dict(
+            text_column=cfg.input.text_column,
+            groups=p.groups,
+            max_length=rt.max_length,
+            stride=rt.window_stride,
+            max_chars=cfg.input.max_chars,
+        ),
+        batch_format="pyarrow",
+        batch_size=None,
+        compute=ActorPoolStrategy(min_size=1, max_size=2),
+        num_cpus=0.25,
+    )
+    low, high = (rt.actors, rt.actors) if isinstance(rt.actors, int) else rt.actors
+    gpu = {"num_gpus": rt.gpus_per_actor} if device == "cuda" else {}
+    ds = ds.map_batches(
+        InferStage,
+        fn_constructor_kwargs=dict(model_tasks=p.model_tasks, runtime=rt, device=device),
+        batch_format="pyarrow",
+        batch_size=None,
+        compute=ActorPoolStrategy(min_size=low, max_size=high),
+        num_cpus=rt.cpus_per_actor,
+        max_restarts=-1,
+        max_task_retries=-1,
+        **gpu,
+    )
+    ds = ds.map_batches(
+        PostprocessStage,
+        fn_constructor_kwargs=dict(model_tasks=p.model_tasks, text_column=cfg.input.text_column),
+        batch_format="pyarrow",
+        batch_size=None,
+        compute=ActorPoolStrategy(min_size=1, max_size=2),
+        num_cpus=0.25,
+    )
+    if cfg.output.partition_by:
+        ds = ds.map_batches(
+            PartitionSanitiser(cfg.output.partition_by),
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=0.25,
+        )
+    return ds
+
+
+def run_summary(p: Plan, run_id: str, started: float, stats, device: str) -> dict[str, Any]:
+    ended = time.time()
+    seconds = max(ended - started, 1e-9)
+    config = p.config.model_dump(mode="json")
+    config["input"]["storage_options"] = redact_options(p.config.input.storage_options)
+    config["output"]["storage_options"] = redact_options(p.config.output.storage_options)
+    config["input"]["paths"] = [redact(x) for x in p.config.input.paths]
+    config["output"]["path"] = redact(p.config.output.path)
+    return {
+        "run_id": run_id,
+        "bertpipe_version": __version__,
+        "config": config,
+        "models": [
+            {
+                "task": i.task,
+                "kind": i.kind.value,
+                "model": redact(t.task.model),
+                "source": redact(i.source),
+                "revision": i.revision,
+                "weights_sha256": i.weights_sha256,
+                "weight_files": list(i.weight_files),
+                "labels": [i.id2label[k] for k in sorted(i.id2label)],
+            }
+            for t, i in ((mt, mt.info) for mt in p.model_tasks)
+        ],
+        "device": device,
+        "files_in": len(p.good_shards),
+        "skipped_files": p.skipped,
+        "rows_in": p.rows_in,
+        "rows_out": stats.rows,
+        "rows_ok": stats.rows - sum(stats.errors_by_reason.values()),
+        "rows_error": sum(stats.errors_by_reason.values()),
+        "errors_by_reason": stats.errors_by_reason,
+        "duplicate_ids": stats.duplicate_ids,
+        "output_files": stats.files,
+        "start": datetime.fromtimestamp(started, timezone.utc).isoformat(),
+        "end": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
+        "seconds": round(seconds, 3),
+        "rows_per_s": round(stats.rows / seconds, 2),
+    }
+
+
+def execute(config: JobConfig) -> dict[str, Any]:
+    """Run the job; returns the run summary. Raises ConfigError for user errors (nothing written)."""
+    from ray.data._internal.savemode import SaveMode
+
+    started = time.time()
+    run_id = new_run_id()
+    location = OutputLocation.from_url(config.output.path, config.output.storage_options)
+    mode = config.output.mode.value
+    if mode == "error" and location.has_data():
+        raise ConfigError(
+            f"output.path {redact(config.output.path)} already has data; "
+            "set output.mode to overwrite or append"
+        )
+    init_ray(config.runtime.address)
+    p = plan(config, inspect_on_ray(config))
+    device = resolve_device(config.runtime.device)
+    ds = build_dataset(p, device)
+    location.reset_staging()
+    ds.write_parquet(
+        location.staging,
+        filesystem=arrow_filesystem(location.fs),
+        partition_cols=config.output.partition_by or None,
+        mode=SaveMode.APPEND,
+    )
+    stats = staged_stats(location, p.derive_id or config.input.id_column)
+    if stats.duplicate_ids and config.input.on_duplicate_id == "fail":
+        raise ConfigError(
+            f"{stats.duplicate_ids} duplicate ids in input.id_column "
+            f"{config.input.id_column!r} (input.on_duplicate_id: fail); the output was not published"
+        )
+    if stats.duplicate_ids:
+        log.warning(
+            "%d duplicate ids in the input; all rows kept (input.on_duplicate_id: keep)", stats.duplicate_ids
+        )
+    if stats.rows != p.rows_in or stats.distinct_keys != stats.rows:
+        raise RuntimeError(
+            f"row count check failed: {p.rows_in} rows in, {stats.rows} rows written, "
+            f"{stats.distinct_keys} distinct row keys; the output was not published"
+        )
+    summary = run_summary(p, run_id, started, stats, device)
+    publish(location, mode, run_id, summary)
+    return summary

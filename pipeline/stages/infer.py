@@ -1,0 +1,196 @@
+"""Model stage (one actor = every task's model, loaded once): token ids in, logits out.
+
+Rows are sorted by length and cut into batches by a token budget, each padded only to its own longest
+sequence, then results are put back in order. HF pipelines and Ray's examples batch a fixed number of
+rows padded to the longest, so on mixed lengths most of the compute goes to padding; no library does
+this budgeted batching for us, hence it lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import columns as C
+from pipeline.config import RuntimeConfig, TaskConfig, TaskKind
+from pipeline.models.loading import ModelInfo, load_model, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+LOGITS = pa.list_(pa.list_(pa.float32()))
+
+
+@dataclass(frozen=True)
+class ModelTask:
+    task: TaskConfig
+    info: ModelInfo
+    group: str  # the tokenizer group whose token columns this task reads
+
+    @property
+    def first_window_only(self) -> bool:
+        return self.task.kind != TaskKind.ner and self.task.long_text == "truncate"
+
+
+def plan_batches(lengths: np.ndarray, max_tokens: int, max_rows: int, descending: bool) -> list[np.ndarray]:
+    """Indices of each batch: sorted by length, a batch's rows x its longest row stays within budget.
+
+    A single sequence longer than the budget still forms a batch of its own.
+    """
+    order = np.argsort(-lengths if descending else lengths, kind="stable")
+    batches, current, longest = [], [], 0
+    for idx in order:
+        length = int(lengths[idx])
+        width = max(longest, length)
+        if current and (width * (len(current) + 1) > max_tokens or len(current) >= max_rows):
+            batches.append(np.asarray(current))
+            current, width = [], length
+        current.append(idx)
+        longest = width
+    if current:
+        batches.append(np.asarray(current))
+    return batches
+
+
+def _ragged_windows(column: pa.ListArray, first_only: bool) -> tuple[list[np.ndarray], np.ndarray]:
+    """The sequences to run and, per row, how many of them belong to it."""
+    windows_per_row = np.diff(column.offsets.to_numpy())
+    if first_only:
+        windows_per_row = np.minimum(windows_per_row, 1)
+    windows = column.flatten()
+    starts = windows.offsets.to_numpy()
+    flat = windows.flatten().to_numpy(zero_copy_only=False)
+    row_first = column.offsets.to_numpy()[:-1]
+    chosen = [w for r, n in enumerate(windows_per_row) for w in range(row_first[r], row_first[r] + n)]
+    return [flat[starts[w] : starts[w + 1]] for w in chosen], windows_per_row
+
+
+class InferStage:
+    def __init__(self, model_tasks: list[ModelTask], runtime: RuntimeConfig, device: str):
+        import torch
+
+        self.torch = torch
+        threads = runtime.threads_per_actor or max(1, int(runtime.cpus_per_actor))
+        torch.set_num_threads(threads)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(runtime.dtype, self.device)
+        self.quantized = runtime.quantize == "int8" and self.device == "cpu"
+        self.max_tokens = runtime.max_tokens_per_batch
+        self.max_rows = runtime.max_rows_per_batch
+        self.check_rows = runtime.precision_check_rows
+        self.model_tasks = model_tasks
+        self.models = {}
+        self.reference_models = {}  # fp32 copies kept only until the precision check has run
+        for mt in model_tasks:
+            model = load_model(mt.task, mt.info.source).to(self.device)
+            if self.quantized and self.check_rows:
+                self.reference_models[mt.task.name] = model
+            if self.quantized:
+                model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+            self.models[mt.task.name] = model
+        self.pad_ids = {mt.task.name: self._pad_id(mt) for mt in model_tasks}
+        self.unchecked = {mt.task.name for mt in model_tasks} if self.check_rows else set()
+        log.info(
+            "model actor pid=%s device=%s dtype=%s int8=%s threads=%s",
+            os.getpid(),
+            self.device,
+            self.dtype,
+            self.quantized,
+            threads,
+        )
+
+    def _pad_id(self, mt: ModelTask) -> int:
+        pad = getattr(self.models[mt.task.name].config, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    def _autocast(self):
+        if self.quantized or self.dtype == self.torch.float32:
+            return self.torch.autocast(self.device, enabled=False)
+        return self.torch.autocast(self.device, dtype=self.dtype)
+
+    def _forward(self, model, pad_id: int, seqs: list[np.ndarray], exact: bool = False) -> list[np.ndarray]:
+        """Logits per sequence, padding removed: (labels,) or (tokens, labels). ``exact`` forces fp32."""
+        torch = self.torch
+        width = max(len(s) for s in seqs)
+        ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = s
+            mask[i, : len(s)] = 1
+        precision = torch.autocast(self.device, enabled=False) if exact else self._autocast()
+        with torch.inference_mode(), precision:
+            out = model(
+                input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
+                attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
+            )
+        logits = out.logits.float().cpu().numpy()
+        return [logits[i] if logits.ndim == 2 else logits[i, : len(s)] for i, s in enumerate(seqs)]
+
+    def _run_batch(self, name: str, seqs: list[np.ndarray]) -> list[np.ndarray]:
+        """Forward one batch; on a GPU out-of-memory split it in half and lower the budget that worked."""
+        try:
+            return self._forward(self.models[name], self.pad_ids[name], seqs)
+        except self.torch.cuda.OutOfMemoryError:
+            if len(seqs) == 1:
+                raise
+            self.torch.cuda.empty_cache()
+            half = len(seqs) // 2
+            self.max_tokens = max(64, (max(len(s) for s in seqs) * len(seqs)) // 2)
+            log.warning("CUDA out of memory; retrying in halves, token budget now %d", self.max_tokens)
+            return self._run_batch(name, seqs[:half]) + self._run_batch(name, seqs[half:])
+
+    def run_sequences(self, name: str, seqs: list[np.ndarray]) -> list[np.ndarray]:
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        results: list[np.ndarray | None] = [None] * len(seqs)
+        for batch in plan_batches(lengths, self.max_tokens, self.max_rows, descending=self.device == "cuda"):
+            for idx, logits in zip(batch, self._run_batch(name, [seqs[i] for i in batch]), strict=True):
+                results[idx] = logits
+        return results
+
+    def _check_precision(self, name: str, seqs: list[np.ndarray]) -> None:
+        """Once per model: compare argmax labels of the chosen precision with fp32 on a few sequences."""
+        self.unchecked.discard(name)
+        reference = self.reference_models.pop(name, self.models[name])
+        sample = seqs[: self.check_rows]
+        if not sample or (not self.quantized and self.dtype == self.torch.float32):
+            return
+        pad = self.pad_ids[name]
+        fast = np.concatenate(
+            [a.argmax(-1).reshape(-1) for a in self._forward(self.models[name], pad, sample)]
+        )
+        exact = np.concatenate(
+            [a.argmax(-1).reshape(-1) for a in self._forward(reference, pad, sample, True)]
+        )
+        disagree = float((fast != exact).mean())
+        precision = "int8" if self.quantized else str(self.dtype).replace("torch.", "")
+        if disagree:
+            log.warning(
+                "task %s: %s labels differ from fp32 on %.1f%% of predictions in a %d-sequence sample",
+                name,
+                precision,
+                100 * disagree,
+                len(sample),
+            )
+        else:
+            log.info("task %s: %s labels equal fp32 on a %d-sequence sample", name, precision, len(sample))
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        for mt in self.model_tasks:
+            name = mt.task.name
+            seqs, windows_per_row = _ragged_windows(
+                table.column(C.token_ids(mt.group)).combine_chunks(), mt.first_window_only
+            )
+            if name in self.unchecked and seqs:
+                self._check_precision(name, seqs)
+            results = self.run_sequences(name, seqs) if seqs else []
+            flat = [r.reshape(-1).astype(np.float32) for r in results]
+            inner_offsets = np.concatenate([[0], np.cumsum([len(f) for f in flat])]).astype(np.int32)
+            inner = pa.ListArray.from_arrays(
+                pa.array(inner_offsets), pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float32))
+            )
+            outer = np.concatenate([[0], np.cumsum(windows_per_row)]).astype(np.int32)
+            table = table.append_column(C.logits(name), pa.ListArray.from_arrays(pa.array(outer), inner))
+        return table

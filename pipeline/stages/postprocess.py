@@ -1,0 +1,58 @@
+"""CPU stage: logits -> task output columns; internal columns are dropped here, before the write."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline import columns as C
+from pipeline.config import TaskKind
+from pipeline.models.loading import load_tokenizer
+from pipeline.stages.infer import ModelTask
+from pipeline.tasks import classification, ner
+
+
+def output_fields(model_tasks: list[ModelTask]) -> list[pa.Field]:
+    fields: list[pa.Field] = []
+    for mt in model_tasks:
+        module = ner if mt.task.kind == TaskKind.ner else classification
+        fields.extend(module.output_fields(mt.task))
+    return fields
+
+
+class PostprocessStage:
+    def __init__(self, model_tasks: list[ModelTask], text_column: str):
+        self.model_tasks = model_tasks
+        self.text_column = text_column
+        self.processors = {}
+        for mt in model_tasks:
+            if mt.task.kind == TaskKind.ner:
+                tokenizer = load_tokenizer(mt.info.source, mt.task)
+                self.processors[mt.task.name] = ner.NerPostprocess(mt.task, mt.info, tokenizer)
+            else:
+                self.processors[mt.task.name] = classification.ClassificationPostprocess(mt.task, mt.info)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        outputs: dict[str, pa.Array] = {}
+        texts = None
+        for mt in self.model_tasks:
+            logits = table.column(C.logits(mt.task.name)).combine_chunks()
+            processor = self.processors[mt.task.name]
+            if mt.task.kind == TaskKind.ner:
+                texts = texts if texts is not None else table.column(self.text_column).to_pylist()
+                g = mt.group
+                outputs.update(
+                    processor(
+                        texts,
+                        table.column(C.token_ids(g)).combine_chunks(),
+                        table.column(C.token_offsets(g)).combine_chunks(),
+                        table.column(C.special_mask(g)).combine_chunks(),
+                        logits,
+                    )
+                )
+            else:
+                outputs.update(processor(logits))
+        keep = [name for name in table.column_names if not name.startswith(C.INTERNAL_PREFIX)]
+        table = table.select(keep)
+        for name, column in outputs.items():
+            table = table.append_column(name, column)
+        return table

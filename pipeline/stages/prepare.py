@@ -1,0 +1,165 @@
+"""CPU stage: validate each row's text, then tokenise it once per tokenizer group.
+
+Bad rows get an ``_error`` reason and no windows, so later stages skip them but keep them. A tokenizer
+failure on one row (rare, but real on odd Unicode) marks that row only: the batch is retried row by row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import columns as C
+
+log = logging.getLogger(__name__)
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+WINDOWS = pa.list_(pa.list_(pa.int32()))
+WINDOWS_I8 = pa.list_(pa.list_(pa.int8()))
+
+
+@dataclass(frozen=True)
+class TokenizerGroup:
+    """Tasks that share one tokenizer; what the group needs decides how much tokenising is done."""
+
+    key: str
+    source: str  # a model folder or hub id whose tokenizer this is
+    revision: str | None
+    trust_remote_code: bool
+    all_windows: bool  # NER or long_text=chunk: overlapping windows over the whole text
+    offsets: bool  # NER: character offsets and special-token masks
+
+
+def text_problem(text: object, max_chars: int | None) -> str | None:
+    """Why a text cannot be labelled, or None. Reasons are short, stable strings (they are counted)."""
+    if text is None:
+        return "text is null"
+    if not isinstance(text, str):
+        return f"text is not a string ({type(text).__name__})"
+    if not text.strip():
+        return "text is empty"
+    if max_chars is not None and len(text) > max_chars:
+        return f"text longer than input.max_chars ({max_chars})"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "text is not valid UTF-8"
+    if _CONTROL.search(text):
+        return "text contains control characters"
+    return None
+
+
+def _windows(lists: list[list[int]], rows: np.ndarray, n_rows: int, value_type: pa.DataType) -> pa.Array:
+    """Regroup per-window lists into one list of windows per row (rows without windows get [])."""
+    counts = np.bincount(rows, minlength=n_rows) if len(rows) else np.zeros(n_rows, np.int64)
+    outer = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    inner = pa.array(lists, pa.list_(value_type))
+    return pa.ListArray.from_arrays(pa.array(outer, pa.int32()), inner)
+
+
+class PrepareStage:
+    """``__call__(table) -> table``: adds ``_error`` reasons and the token columns of every group."""
+
+    def __init__(
+        self,
+        text_column: str,
+        groups: list[TokenizerGroup],
+        max_length: int,
+        stride: int,
+        max_chars: int | None,
+    ):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from transformers import AutoTokenizer
+
+        self.text_column = text_column
+        self.groups = groups
+        self.max_length = max_length
+        self.stride = stride
+        self.max_chars = max_chars
+        self.tokenizers = {
+            g.key: AutoTokenizer.from_pretrained(
+                g.source, revision=g.revision, trust_remote_code=g.trust_remote_code
+            )
+            for g in groups
+        }
+
+    def _tokenize(self, group: TokenizerGroup, texts: list[str]):
+        return self.tokenizers[group.key](
+            texts,
+            truncation=True,
+            max_length=self.max_length,
+            stride=self.stride if group.all_windows else 0,
+            return_overflowing_tokens=group.all_windows,
+            return_offsets_mapping=group.offsets,
+            return_special_tokens_mask=group.offsets,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+
+    def _tokenize_rows(
+        self, group: TokenizerGroup, texts: list[str]
+    ) -> tuple[dict, list[int], dict[int, str]]:
+        """Tokenise a batch; if it fails, tokenise row by row so only the failing rows are marked."""
+        try:
+            enc = self._tokenize(group, texts)
+            rows = enc["overflow_to_sample_mapping"] if group.all_windows else list(range(len(texts)))
+            return enc, list(rows), {}
+        except Exception:  # noqa: BLE001 - isolated below, row by row
+            log.warning("tokenizer failed on a batch; retrying row by row to isolate the bad rows")
+        merged: dict[str, list] = {}
+        rows: list[int] = []
+        failures: dict[int, str] = {}
+        for i, text in enumerate(texts):
+            try:
+                enc = self._tokenize(group, [text])
+            except Exception as exc:  # noqa: BLE001
+                failures[i] = f"tokenizer failed: {type(exc).__name__}"
+                continue
+            n = len(enc["input_ids"])
+            for key in ("input_ids", "offset_mapping", "special_tokens_mask"):
+                if key in enc:
+                    merged.setdefault(key, []).extend(enc[key])
+            rows.extend([i] * n)
+        return merged, rows, failures
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        texts = table.column(self.text_column).to_pylist()
+        errors = table.column(C.ERROR).to_pylist()
+        for i, text in enumerate(texts):
+            if errors[i] is None:
+                errors[i] = text_problem(text, self.max_chars)
+        good = [i for i, e in enumerate(errors) if e is None]
+        good_texts = [texts[i] for i in good]
+        n_rows = table.num_rows
+        new_columns: dict[str, pa.Array] = {}
+        for group in self.groups:
+            enc, sub_rows, failures = self._tokenize_rows(group, good_texts)
+            for sub_row, reason in failures.items():
+                errors[good[sub_row]] = errors[good[sub_row]] or reason
+            rows = np.asarray([good[r] for r in sub_rows], dtype=np.int64)
+            new_columns[C.token_ids(group.key)] = _windows(enc.get("input_ids", []), rows, n_rows, pa.int32())
+            if group.offsets:
+                flat_offsets = [np.asarray(o, np.int32).reshape(-1).tolist() for o in enc["offset_mapping"]]
+                new_columns[C.token_offsets(group.key)] = _windows(flat_offsets, rows, n_rows, pa.int32())
+                new_columns[C.special_mask(group.key)] = _windows(
+                    enc["special_tokens_mask"], rows, n_rows, pa.int8()
+                )
+        if any(errors[i] is not None for i in good):
+            # A row that failed in one group must not be labelled by another: clear its windows.
+            failed = pa.array([e is not None for e in errors])
+            empty = pa.array([[]] * n_rows, WINDOWS)
+            for name, column in new_columns.items():
+                empty_like = empty.cast(column.type)
+                new_columns[name] = pc.if_else(failed, empty_like, column)
+        table = table.set_column(
+            table.schema.get_field_index(C.ERROR), C.ERROR, pa.array(errors, pa.string())
+        )
+        for name, column in new_columns.items():
+            table = table.append_column(name, column)
+        return table

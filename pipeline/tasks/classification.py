@@ -1,0 +1,94 @@
+"""Text classification postprocess: logits -> label, score and top-k, as ``TextClassificationPipeline``.
+
+Also pools the windows of a long text (``long_text: chunk``): each window is scored on its own, then
+the per-window probabilities are averaged (or max-pooled) so a verdict in the last paragraph counts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import columns as C
+from pipeline.config import TaskConfig, TaskKind
+from pipeline.models.loading import ModelInfo
+from pipeline.tasks.sentiment import sentiment_label_map
+
+TOP_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
+
+
+def activation(task: TaskConfig, info: ModelInfo) -> str:
+    """The function HF applies by default: sigmoid for multi-label or 1-label models, else softmax."""
+    if task.function_to_apply != "default":
+        return task.function_to_apply
+    if info.problem_type == "multi_label_classification" or info.num_labels == 1:
+        return "sigmoid"
+    if info.problem_type == "regression":
+        return "none"
+    return "softmax"
+
+
+def apply_activation(logits: np.ndarray, function: str) -> np.ndarray:
+    logits = logits.astype(np.float32, copy=False)
+    if function == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    if function == "softmax":
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+    return logits
+
+
+def output_fields(task: TaskConfig) -> list[pa.Field]:
+    fields = [pa.field(C.label(task.name), pa.string()), pa.field(C.score(task.name), pa.float32())]
+    if task.top_k > 1:
+        fields.append(pa.field(C.top(task.name), TOP_TYPE))
+    return fields
+
+
+class ClassificationPostprocess:
+    """Turns ``__logits_{task}`` (per row: windows x labels) into the task's output columns."""
+
+    def __init__(self, task: TaskConfig, info: ModelInfo):
+        self.task = task
+        self.function = activation(task, info)
+        self.labels = np.array([info.id2label[i] for i in range(info.num_labels)], dtype=object)
+        self.label_map = sentiment_label_map(task, info) if task.kind == TaskKind.sentiment else None
+
+    def __call__(self, window_logits: pa.ListArray) -> dict[str, pa.Array]:
+        """``window_logits``: list<list<float32>> per row, empty for rows with an error."""
+        n_rows = len(window_logits)
+        windows_per_row = np.diff(window_logits.offsets.to_numpy()) if n_rows else np.zeros(0, np.int64)
+        windows = window_logits.flatten()
+        flat = windows.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        num_labels = len(self.labels)
+        scores = apply_activation(flat.reshape(-1, num_labels), self.function)
+
+        ok = windows_per_row > 0
+        pooled = np.zeros((n_rows, num_labels), dtype=np.float32)
+        if ok.any():
+            starts = np.concatenate([[0], np.cumsum(windows_per_row)[:-1]])[ok]
+            if self.task.chunk_pooling == "max":
+                pooled[ok] = np.maximum.reduceat(scores, starts, axis=0)
+            else:
+                pooled[ok] = np.add.reduceat(scores, starts, axis=0) / windows_per_row[ok, None]
+
+        order = np.argsort(-pooled, axis=1, kind="stable")
+        best = order[:, 0]
+        best_labels = self.labels[best]
+        if self.label_map is not None:
+            best_labels = np.array([self.label_map[label] for label in best_labels], dtype=object)
+        best_scores = pooled[np.arange(n_rows), best]
+        out = {
+            C.label(self.task.name): pa.array(np.where(ok, best_labels, None), pa.string()),
+            C.score(self.task.name): pa.array(best_scores, pa.float32(), mask=~ok),
+        }
+        if self.task.top_k > 1:
+            k = min(self.task.top_k, num_labels)
+            tops = [
+                [{"label": self.labels[j], "score": float(pooled[i, j])} for j in order[i, :k]]
+                if ok[i]
+                else None
+                for i in range(n_rows)
+            ]
+            out[C.top(self.task.name)] = pa.array(tops, TOP_TYPE)
+        return out

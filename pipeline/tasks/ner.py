@@ -1,0 +1,115 @@
+"""Named entities: per-token logits of every window -> entity spans with character offsets.
+
+The span logic (sub-word fusion, the ``simple/first/average/max`` strategies, merging the entities of
+overlapping windows) is HF's own: ``_SpanAssembler`` drives ``TokenClassificationPipeline.postprocess``
+with logits computed by our batched model stage, so results equal ``pipeline("ner", stride=...)`` by
+construction. Only ``tokenizer`` and ``id2label`` are needed, so no model is loaded in this CPU stage.
+"""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import torch
+from transformers import TokenClassificationPipeline
+from transformers.pipelines import AggregationStrategy
+
+from pipeline.config import TaskConfig
+from pipeline.models.loading import ModelInfo
+
+ENTITY_TYPE = pa.list_(
+    pa.struct(
+        [
+            ("entity_group", pa.string()),
+            ("word", pa.string()),
+            ("start", pa.int32()),
+            ("end", pa.int32()),
+            ("score", pa.float32()),
+        ]
+    )
+)
+
+
+def output_fields(task: TaskConfig) -> list[pa.Field]:
+    return [pa.field(task.name, ENTITY_TYPE)]
+
+
+class _SpanAssembler(TokenClassificationPipeline):
+    """HF's token-classification postprocess without a model: it only reads the tokenizer and id2label."""
+
+    def __init__(self, tokenizer, id2label: dict[int, str]):  # noqa: D107 - deliberately skips Pipeline init
+        self.tokenizer = tokenizer
+        self.model = SimpleNamespace(config=SimpleNamespace(id2label=id2label))
+
+
+def _ragged(list_array: pa.ListArray) -> tuple[np.ndarray, pa.Array]:
+    return list_array.offsets.to_numpy(), list_array.flatten()
+
+
+class NerPostprocess:
+    def __init__(self, task: TaskConfig, info: ModelInfo, tokenizer):
+        self.task = task
+        self.num_labels = info.num_labels
+        self.strategy = AggregationStrategy(task.aggregation.value)
+        self.assembler = _SpanAssembler(tokenizer, info.id2label)
+
+    def row_entities(self, text: str, windows: list[dict]) -> list[dict]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            entities = self.assembler.postprocess(windows, aggregation_strategy=self.strategy)
+        return [
+            {
+                "entity_group": e.get("entity_group", e.get("entity")),
+                "word": e["word"],
+                "start": e["start"],
+                "end": e["end"],
+                "score": float(e["score"]),
+            }
+            for e in entities
+        ]
+
+    def __call__(
+        self,
+        texts: list,
+        ids: pa.ListArray,
+        offsets: pa.ListArray,
+        special: pa.ListArray,
+        logits: pa.ListArray,
+    ) -> dict[str, pa.Array]:
+        """Per row: windows of token ids/offsets/special mask (prepare stage) and logits (model stage)."""
+        row_off, _ = _ragged(logits)
+        win_ids_off, ids_flat = _ragged(ids.flatten())
+        _, offsets_flat = _ragged(offsets.flatten())
+        _, special_flat = _ragged(special.flatten())
+        _, logits_flat = _ragged(logits.flatten())
+        ids_np = ids_flat.to_numpy(zero_copy_only=False)
+        offsets_np = offsets_flat.to_numpy(zero_copy_only=False).reshape(-1, 2)
+        special_np = special_flat.to_numpy(zero_copy_only=False)
+        logits_np = logits_flat.to_numpy(zero_copy_only=False).reshape(-1, self.num_labels)
+        ids_win_starts = ids.offsets.to_numpy()
+
+        results = []
+        for row, text in enumerate(texts):
+            first, last = row_off[row], row_off[row + 1]
+            if first == last:
+                results.append(None)
+                continue
+            windows = []
+            for w in range(first, last):
+                # Token arrays of window w are aligned across ids, offsets, special mask and logits.
+                lo, hi = win_ids_off[w], win_ids_off[w + 1]
+                windows.append(
+                    {
+                        "logits": torch.from_numpy(logits_np[lo:hi])[None],
+                        "input_ids": ids_np[None, lo:hi],
+                        "offset_mapping": offsets_np[None, lo:hi],
+                        "special_tokens_mask": torch.from_numpy(special_np[lo:hi])[None],
+                        "sentence": text,
+                    }
+                )
+            assert ids_win_starts[row] == first, "window lists of ids and logits are misaligned"
+            results.append(self.row_entities(text, windows))
+        return {self.task.name: pa.array(results, ENTITY_TYPE)}

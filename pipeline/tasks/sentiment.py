@@ -1,0 +1,62 @@
+"""Sentiment: a classification whose labels are normalised to positive / negative / neutral.
+
+Models name their classes in many ways (``POSITIVE``, ``LABEL_1`` of two, ``5 stars``, ``neu``). The
+mapping is decided once at start-up from ``id2label``; a model whose labels cannot be mapped is a config
+error (set ``labels:`` on the task), never a guess.
+"""
+
+from __future__ import annotations
+
+import re
+
+from pipeline.config import ConfigError, TaskConfig
+from pipeline.models.loading import ModelInfo
+
+_NAMED = {
+    "positive": "positive", "pos": "positive", "good": "positive",
+    "negative": "negative", "neg": "negative", "bad": "negative",
+    "neutral": "neutral", "neu": "neutral", "mixed": "neutral",
+}  # fmt: skip
+_STARS = re.compile(r"^\s*([1-5])\s*stars?\s*$", re.IGNORECASE)
+_GENERIC = re.compile(r"^LABEL_(\d+)$")
+
+
+def _generic_map(labels: list[str]) -> dict[str, str] | None:
+    """``LABEL_i``: two classes are negative/positive (SST-2), three negative/neutral/positive."""
+    ids = [_GENERIC.match(label) for label in labels]
+    if not all(ids):
+        return None
+    order = sorted(labels, key=lambda label: int(_GENERIC.match(label).group(1)))
+    if len(order) == 2:
+        return dict(zip(order, ["negative", "positive"], strict=True))
+    if len(order) == 3:
+        return dict(zip(order, ["negative", "neutral", "positive"], strict=True))
+    return None
+
+
+def _auto_label(label: str) -> str | None:
+    named = _NAMED.get(label.strip().lower())
+    if named:
+        return named
+    stars = _STARS.match(label)
+    if stars:
+        return {1: "negative", 2: "negative", 3: "neutral", 4: "positive", 5: "positive"}[int(stars.group(1))]
+    return None
+
+
+def sentiment_label_map(task: TaskConfig, info: ModelInfo) -> dict[str, str]:
+    """Model label -> positive/negative/neutral, or ConfigError naming the labels that cannot be mapped."""
+    labels = [info.id2label[i] for i in sorted(info.id2label)]
+    mapping = _generic_map(labels) or {}
+    for label in labels:
+        if task.labels and label in task.labels:
+            mapping[label] = task.labels[label]
+        elif label not in mapping and _auto_label(label):
+            mapping[label] = _auto_label(label)
+    missing = [label for label in labels if label not in mapping]
+    if missing:
+        raise ConfigError(
+            f"task {task.name!r}: cannot map sentiment labels {missing} of {task.model} to "
+            f"positive/negative/neutral; add `labels: {{{missing[0]}: positive, ...}}` to the task"
+        )
+    return mapping
