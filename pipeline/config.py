@@ -105,6 +105,8 @@ class TaskConfig(_Strict):
 
 class RuntimeConfig(_Strict):
     address: str | None = None
+    local_cpus: int | None = Field(default=None, ge=1)  # only when starting a local Ray (address null)
+    local_gpus: int | None = Field(default=None, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantize: Literal["none", "int8"] = "none"

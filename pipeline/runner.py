@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline import columns as C
-from pipeline.config import ConfigError, JobConfig, TaskKind
+from pipeline.config import ConfigError, JobConfig, RuntimeConfig, TaskKind
 from pipeline.io.paths import Shard, discover, redact, redact_options
 from pipeline.io.reader import ShardReport, inspect_shard
 from pipeline.io.writer import OutputLocation, arrow_filesystem, publish, staged_stats
@@ -183,16 +183,17 @@ def inspect_on_ray(config: JobConfig):
     return lambda shards: ray.get([check.remote(s) for s in shards])
 
 
-def init_ray(address: str | None) -> None:
-    """Join ``address`` or start a fresh local Ray (never a stale cluster recorded in /tmp/ray)."""
+def init_ray(runtime: RuntimeConfig) -> None:
+    """Join ``runtime.address`` or start a fresh local Ray (never a stale cluster left in /tmp/ray)."""
     import ray
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if runtime.address:
+        ray.init(address=runtime.address, log_to_driver=True)
     else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=runtime.local_cpus, num_gpus=runtime.local_gpus,
+                 include_dashboard=False, log_to_driver=True)
 
 
 def resolve_device(requested: str) -> str:
@@ -320,8 +321,9 @@ def execute(config: JobConfig) -> dict[str, Any]:
             f"output.path {redact(config.output.path)} already has data; "
             "set output.mode to overwrite or append"
         )
-    init_ray(config.runtime.address)
-    p = plan(config, inspect_on_ray(config))
+    # A local run checks its files in this process, so that bad input fails before Ray even starts.
+    p = plan(config, inspect_on_ray(config) if config.runtime.address else inspect_locally(config))
+    init_ray(config.runtime)
     device = resolve_device(config.runtime.device)
     ds = build_dataset(p, device)
     location.reset_staging()

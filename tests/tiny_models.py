@@ -69,6 +69,8 @@ def build_sequence_classifier(
     """
     out = Path(out_dir)
     model = BertForSequenceClassification(_config(labels, seed, **config_overrides)).eval()
+    with torch.no_grad():  # wide top-1/top-2 margins: fp32 batching noise (1e-6) can never flip a label
+        model.classifier.weight.mul_(8.0)
     model.save_pretrained(out)
     if pickle_only:
         (out / "model.safetensors").unlink()
@@ -86,7 +88,12 @@ def build_token_classifier(
 ) -> Path:
     """Save a tiny random BertForTokenClassification (BIO tags) with its tokenizer into ``out_dir``."""
     out = Path(out_dir)
-    model = BertForTokenClassification(_config(labels, seed, **config_overrides)).eval()
+    # One layer with large weights: deeper random encoders give every token nearly the same state, so
+    # the tags would not depend on the text. A bias towards "O" leaves gaps between the spans.
+    params = {"num_hidden_layers": 1, "initializer_range": 1.0, **config_overrides}
+    model = BertForTokenClassification(_config(labels, seed, **params)).eval()
+    with torch.no_grad():
+        model.classifier.bias[0] += 4.0
     model.save_pretrained(out)
     tiny_tokenizer(model_max_length).save_pretrained(out)
     return out

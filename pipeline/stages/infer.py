@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipeline import columns as C
 from pipeline.config import RuntimeConfig, TaskConfig, TaskKind
+from pipeline.logs import configure_worker_logging
 from pipeline.models.loading import ModelInfo, load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,21 @@ def _ragged_windows(column: pa.ListArray, first_only: bool) -> tuple[list[np.nda
     return [flat[starts[w] : starts[w + 1]] for w in chosen], windows_per_row
 
 
+def _assigned_resources() -> dict:
+    """What Ray scheduled this actor with (logged, so GPU requests can be checked on any machine)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_assigned_resources()
+    except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is nothing to report
+        return {}
+
+
 class InferStage:
     def __init__(self, model_tasks: list[ModelTask], runtime: RuntimeConfig, device: str):
         import torch
 
+        configure_worker_logging()
         self.torch = torch
         threads = runtime.threads_per_actor or max(1, int(runtime.cpus_per_actor))
         torch.set_num_threads(threads)

@@ -103,10 +103,10 @@ class NerPostprocess:
                 lo, hi = win_ids_off[w], win_ids_off[w + 1]
                 windows.append(
                     {
-                        "logits": torch.from_numpy(logits_np[lo:hi])[None],
+                        "logits": torch.from_numpy(logits_np[lo:hi].copy())[None],
                         "input_ids": ids_np[None, lo:hi],
                         "offset_mapping": offsets_np[None, lo:hi],
-                        "special_tokens_mask": torch.from_numpy(special_np[lo:hi])[None],
+                        "special_tokens_mask": torch.from_numpy(special_np[lo:hi].copy())[None],
                         "sentence": text,
                     }
                 )

@@ -1,0 +1,120 @@
+"""Shared fixtures: one local Ray per test session, tiny models built once, a mixed-length corpus."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import (  # noqa: E402
+    NER_LABELS,
+    build_sequence_classifier,
+    build_token_classifier,
+    shipped_encoder_dir,
+)
+
+WINDOW = 128  # max_length used by the oracle tests, so 600-word texts need several windows
+STRIDE = 32
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the in-process tests (2 CPUs, no dashboard)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "topic": build_sequence_classifier(root / "topic", ["business", "sports", "science", "world"], seed=1,
+                                           model_max_length=WINDOW),
+        "sentiment": build_sequence_classifier(root / "sentiment", ["NEGATIVE", "POSITIVE"], seed=4,
+                                               model_max_length=WINDOW),
+        "ner": build_token_classifier(root / "ner", NER_LABELS, seed=3, model_max_length=WINDOW),
+    }
+
+
+def _vocabulary() -> list[str]:
+    words = (shipped_encoder_dir() / "vocab.txt").read_text().split()
+    plain = [w for w in words if w.isalpha() and w.isascii() and len(w) > 2]
+    rng = random.Random(7)
+    return rng.sample(plain, 3000)
+
+
+def make_texts(n: int, seed: int = 0, max_words: int = 600) -> list[str]:
+    """Mixed lengths from 1 to ``max_words`` words, with capitalised words and punctuation."""
+    rng = random.Random(seed)
+    vocab = _vocabulary()
+    lengths = [1, 2, 3, max_words] + [
+        rng.choice([rng.randint(1, 12), rng.randint(10, 60), rng.randint(40, 200), rng.randint(150, max_words)])
+        for _ in range(n - 4)
+    ]
+    texts = []
+    for length in lengths:
+        words = []
+        for _ in range(length):
+            word = rng.choice(vocab)
+            if rng.random() < 0.15:
+                word = word.capitalize()
+            if rng.random() < 0.05:
+                word += rng.choice([",", ".", "!", "'s"])
+            words.append(word)
+        texts.append(" ".join(words))
+    return texts
+
+
+def write_shards(folder: Path, rows: list[dict], n_parquet: int = 3, n_jsonl: int = 2) -> list[Path]:
+    """Spread rows over Parquet and JSONL shards (one JSONL gzip-free, one plain)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n = n_parquet + n_jsonl
+    paths = []
+    for i in range(n):
+        part = rows[i::n]
+        if i < n_parquet:
+            path = folder / f"part-{i}.parquet"
+            pq.write_table(pa.Table.from_pylist(part), path)
+        else:
+            path = folder / f"part-{i}.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in part))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
+    folder = tmp_path_factory.mktemp("corpus")
+    texts = make_texts(320, seed=11)
+    rows = [{"id": f"doc-{i:04d}", "text": t, "source": ["news", "reviews", "forum"][i % 3]} for i, t in enumerate(texts)]
+    write_shards(folder, rows)
+    return folder, rows
+
+
+def write_config(path: Path, **sections) -> Path:
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def base_config(input_dir: Path, output_dir: Path, models: dict[str, Path], **runtime) -> dict:
+    return {
+        "input": {"paths": [str(input_dir)]},
+        "output": {"path": str(output_dir)},
+        "tasks": [
+            {"name": "topic", "kind": "classification", "model": str(models["topic"]), "top_k": 2},
+            {"name": "sentiment", "kind": "sentiment", "model": str(models["sentiment"])},
+            {"name": "entities", "kind": "ner", "model": str(models["ner"]), "aggregation": "simple"},
+        ],
+        "runtime": {"dtype": "float32", "max_length": WINDOW, "stride": STRIDE, **runtime},
+    }
