@@ -9,6 +9,7 @@ tokens) -> ``stages/infer.py`` (logits) -> ``stages/postprocess.py`` with ``task
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -184,13 +185,15 @@ def inspect_on_ray(config: JobConfig):
 
 
 def init_ray(runtime: RuntimeConfig) -> None:
-    """Join ``runtime.address`` or start a fresh local Ray (never a stale cluster left in /tmp/ray)."""
+    """Join ``runtime.address`` (or ``RAY_ADDRESS``, which Ray Jobs set for their driver), else start a
+    fresh local Ray: a bare ``ray.init()`` would try to join a stale cluster recorded in /tmp/ray."""
     import ray
 
     if ray.is_initialized():
         return
-    if runtime.address:
-        ray.init(address=runtime.address, log_to_driver=True)
+    address = runtime.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
     else:
         ray.init(address="local", num_cpus=runtime.local_cpus, num_gpus=runtime.local_gpus,
                  include_dashboard=False, log_to_driver=True)
@@ -241,12 +244,10 @@ def build_dataset(p: Plan, device: str):
         InferStage,
         fn_constructor_kwargs=dict(model_tasks=p.model_tasks, runtime=rt, device=device),
         batch_format="pyarrow",
-        batch_size=None,
+        batch_size=rt.rows_per_block,  # rows per call; the stage cuts them into token-budget batches
         compute=ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=rt.cpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=-1,
-        **gpu,
+        **gpu,  # Ray restarts a dead actor and retries its batches by default (max_restarts=-1)
     )
     ds = ds.map_batches(
         PostprocessStage,

@@ -106,12 +106,13 @@ class InferStage:
         self.pad_ids = {mt.task.name: self._pad_id(mt) for mt in model_tasks}
         self.unchecked = {mt.task.name for mt in model_tasks} if self.check_rows else set()
         log.info(
-            "model actor pid=%s device=%s dtype=%s int8=%s threads=%s",
+            "model actor pid=%s device=%s dtype=%s int8=%s threads=%s resources=%s",
             os.getpid(),
             self.device,
             self.dtype,
             self.quantized,
             threads,
+            _assigned_resources(),
         )
 
     def _pad_id(self, mt: ModelTask) -> int:

@@ -1,0 +1,106 @@
+"""The command line: exit codes and one clear line for each kind of user error; nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import base_config, write_config, write_shards
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
+
+
+def bertpipe(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("bertpipe: error:")]
+
+
+@pytest.fixture
+def job(tmp_path, corpus, models):
+    input_dir, _ = corpus
+    return tmp_path, base_config(input_dir, tmp_path / "out", models)
+
+
+def _expect_user_error(tmp_path, cfg, *needles, command="run"):
+    path = write_config(tmp_path / "job.yaml", **cfg)
+    proc = bertpipe(command, str(path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0]
+    assert not (tmp_path / "out").exists()
+    return lines[0]
+
+
+def test_unknown_key_names_the_key(job):
+    tmp_path, cfg = job
+    cfg["runtime"]["batchsize"] = 3
+    _expect_user_error(tmp_path, cfg, "runtime.batchsize", "unknown key")
+
+
+def test_bad_value_names_the_key(job):
+    tmp_path, cfg = job
+    cfg["tasks"][1]["kind"] = "summarise"
+    _expect_user_error(tmp_path, cfg, "tasks.1.kind", command="validate")
+
+
+def test_missing_input(job):
+    tmp_path, cfg = job
+    cfg["input"]["paths"] = [str(tmp_path / "nowhere")]
+    _expect_user_error(tmp_path, cfg, "input.paths", "nowhere")
+
+
+def test_missing_text_column(job):
+    tmp_path, cfg = job
+    cfg["input"]["text_column"] = "body"
+    _expect_user_error(tmp_path, cfg, "no text column 'body'")
+
+
+def test_unloadable_model(job):
+    tmp_path, cfg = job
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    cfg["tasks"][0]["model"] = str(broken)
+    _expect_user_error(tmp_path, cfg, "task 'topic'", "cannot load model")
+
+
+def test_missing_model_folder(job):
+    tmp_path, cfg = job
+    cfg["tasks"][2]["model"] = str(tmp_path / "no-such-model")
+    _expect_user_error(tmp_path, cfg, "task 'entities'", "not found")
+
+
+def test_set_overrides_and_validate_ok(job):
+    tmp_path, cfg = job
+    path = write_config(tmp_path / "job.yaml", **cfg)
+    proc = bertpipe("validate", str(path), "--set", "runtime.max_length=64", "--set", "input.format=auto")
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout and "320" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cuda_device_schedules_gpu_actors_on_a_fake_gpu(tmp_path, models):
+    """Ray is told one GPU exists: the model actor is scheduled with num_gpus and, finding no CUDA
+    device, runs on the CPU with a warning."""
+    rows = [{"id": str(i), "text": f"hello world number {i}"} for i in range(20)]
+    write_shards(tmp_path / "in", rows, n_parquet=1, n_jsonl=1)
+    cfg = base_config(tmp_path / "in", tmp_path / "out", models, device="cuda", local_gpus=1, local_cpus=2)
+    path = write_config(tmp_path / "job.yaml", **cfg)
+    proc = bertpipe("run", str(path), "-v", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sees no CUDA device; running on CPU" in proc.stderr
+    assert "'GPU': 1.0" in proc.stderr, "the model actor was not given a GPU by Ray"
+    summary = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
+    assert summary["device"] == "cuda" and summary["rows_out"] == 20
+    assert yaml.safe_load(path.read_text())["runtime"]["device"] == "cuda"
