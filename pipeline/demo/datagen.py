@@ -17,8 +17,8 @@ import random
 import re
 import sys
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,7 +38,7 @@ _NAME_LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", 
 _COMPANY_LOCALES = ("en_US", "en_GB", "de_DE", "es_ES", "it_IT", "nl_NL", "sv_SE", "pl_PL")
 # it_IT is left out: Faker builds its city list from a set, so the order follows PYTHONHASHSEED.
 _CITY_LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "nl_NL", "sv_SE", "pl_PL", "en_IN")
-_POOL_SIZE = 150
+_POOL_SIZE = 120
 
 
 def _rng(kind: str, seed: int) -> random.Random:
@@ -52,6 +52,12 @@ class _Pools(NamedTuple):
     cities: tuple[str, ...]
 
 
+@cache
+def _faker(locale: str) -> Faker:
+    """Building a Faker costs more than drawing from it; callers re-seed it with ``seed_instance``."""
+    return Faker(locale)
+
+
 @lru_cache(maxsize=8)
 def _faker_pools(seed: int) -> _Pools:
     """Names, companies and cities from several locales, drawn once per seed (Faker is slow per call)."""
@@ -59,7 +65,7 @@ def _faker_pools(seed: int) -> _Pools:
     companies: list[str] = []
     cities: list[str] = []
     for locale in sorted(set(_NAME_LOCALES + _COMPANY_LOCALES + _CITY_LOCALES)):
-        fake = Faker(locale)
+        fake = _faker(locale)
         fake.seed_instance(f"{seed}:{locale}")
         if locale in _NAME_LOCALES:
             names += [(fake.first_name(), fake.last_name()) for _ in range(_POOL_SIZE)]
@@ -91,19 +97,26 @@ def _sentence_case(text: str) -> str:
     return re.sub(r"(?<=[.!?] )([a-z])", lambda m: m.group(1).upper(), text)
 
 
-def _balanced_unique(rng: random.Random, labels: Sequence[str], n: int, make) -> list[dict]:
+def _distinct(make: Callable[[], dict], count: int, seen: set[str]) -> list[dict]:
+    """``count`` rows from ``make`` whose texts are not in ``seen``; fails loudly when variety runs out."""
+    rows: list[dict] = []
+    for _ in range(20 * count + 1000):
+        if len(rows) == count:
+            return rows
+        row = make()
+        if row["text"] not in seen:
+            seen.add(row["text"])
+            rows.append(row)
+    raise ValueError(f"the vocabularies cannot produce {count} distinct texts; ask for fewer rows")
+
+
+def _balanced(rng: random.Random, labels: Sequence[str], n: int, make: Callable[[str], dict]) -> list[dict]:
     """``n`` rows with distinct texts, label counts differing by at most one, in shuffled order."""
-    quota = {label: n // len(labels) + (i < n % len(labels)) for i, label in enumerate(labels)}
     seen: set[str] = set()
     rows: list[dict] = []
-    for label in labels:
-        made = 0
-        while made < quota[label]:
-            row = make(label)
-            if row["text"] not in seen:
-                seen.add(row["text"])
-                rows.append(row)
-                made += 1
+    for i, label in enumerate(labels):
+        quota = n // len(labels) + (i < n % len(labels))
+        rows += _distinct(lambda label=label: make(label), quota, seen)
     rng.shuffle(rows)
     return rows
 
@@ -123,9 +136,11 @@ _A_AN = re.compile(r"\b([Aa]) (?=[aeioAEIO]|u(?!s|ni))")
 class _ReviewWriter:
     """Builds the sentences of one review about one item, avoiding fragments it has already used."""
 
-    def __init__(self, rng: random.Random, positive: bool, domain: V.Domain):
-        self.rng, self.positive, self.domain = rng, positive, domain
-        self.item = rng.choice(domain.items)
+    def __init__(self, rng: random.Random, label: str):
+        self.rng, self.label = rng, label
+        self.positive = label == "positive"
+        self.domain = rng.choice(V.DOMAINS)
+        self.item = rng.choice(self.domain.items)
         self.used: set[str] = set()
 
     def pick(self, options: Sequence[str]) -> str:
@@ -188,16 +203,12 @@ def _punctuate(rng: random.Random, sentence: str, neutral: bool = False) -> str:
     return sentence + ("!" if pick < 0.13 else "!!" if pick < 0.16 else "..." if pick < 0.19 else ".")
 
 
-def _review(
-    rng: random.Random, label: str, size: int | None = None, writer: _ReviewWriter | None = None
-) -> str:
-    """One review of 1 to 8 sentences (at most ~120 words) with the given overall label.
+def _review(rng: random.Random, writer: _ReviewWriter, size: int | None = None) -> str:
+    """One review of 1 to 8 sentences (at most ~120 words) with the writer's label.
 
-    Passing the same ``writer`` for several paragraphs of one long review avoids repeating fragments.
+    Reusing one writer for several paragraphs of a long review avoids repeating fragments.
     """
-    positive = label == "positive"
-    writer = writer or _ReviewWriter(rng, positive, rng.choice(V.DOMAINS))
-    domain = writer.domain
+    positive, domain = writer.positive, writer.domain
     size = size or rng.choices(_REVIEW_SIZES, weights=_REVIEW_SIZE_WEIGHTS)[0]
     sentences = [writer.sentence(rng.choices(_SENTENCE_KINDS, weights=_SENTENCE_WEIGHTS)[0])
                  for _ in range(size)]
@@ -227,8 +238,8 @@ def _review(
 def make_sentiment(n: int = 3000, seed: int = 0) -> list[dict]:
     """Balanced positive/negative reviews from many domains, with negation, contrast and stars."""
     rng = _rng("sentiment", seed)
-    return _balanced_unique(rng, SENTIMENT_LABELS, n, lambda label: {"text": _review(rng, label),
-                                                                      "label": label})
+    return _balanced(rng, SENTIMENT_LABELS, n, lambda label: {"text": _review(rng, _ReviewWriter(rng, label)),
+                                                              "label": label})
 
 
 # ------------------------------------------------------------------------------------------------ topic
@@ -250,11 +261,7 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def _with_article(name: str) -> str:
-    return f"the {name}" if name in V.WITH_ARTICLE else name
-
-
-_TOPIC_COUNTRIES = tuple(_with_article(c) for c in V.COUNTRIES)
+_TOPIC_COUNTRIES = tuple(f"the {c}" if c in V.WITH_ARTICLE else c for c in V.COUNTRIES)
 
 
 def _topic_slots(rng: random.Random, pools: _Pools) -> dict[str, Sequence[str]]:
@@ -315,8 +322,8 @@ def make_topic(n: int = 2000, seed: int = 0) -> list[dict]:
     """Balanced news headlines and short paragraphs: business, sports, science_tech, world."""
     rng = _rng("topic", seed)
     pools = _faker_pools(seed)
-    return _balanced_unique(rng, TOPIC_LABELS, n, lambda label: {"text": _topic_text(rng, label, pools),
-                                                                 "label": label})
+    return _balanced(rng, TOPIC_LABELS, n, lambda label: {"text": _topic_text(rng, label, pools),
+                                                          "label": label})
 
 
 # -------------------------------------------------------------------------------------------------- NER
@@ -392,7 +399,7 @@ def _ner_sentence(rng: random.Random, pools: _Pools) -> tuple[str, list[dict]]:
         prefix = _fill(rng, rng.choice(V.NER_PREFIXES), {"NUM": (str(rng.randint(1, 30)),),
                                                          "DAY": V.DAYS, "MONTH": V.MONTHS,
                                                          "YEAR": (str(rng.randint(1990, 2025)),)})
-        template = prefix + " " + template
+        template = f"{prefix} {template}"
     return _render_ner(rng, template, pools)
 
 
@@ -411,14 +418,7 @@ def make_ner(n: int = 3500, seed: int = 0) -> list[dict]:
     """Sentences with PER/ORG/LOC character spans, multilingual names and capitalised distractors."""
     rng = _rng("ner", seed)
     pools = _faker_pools(seed)
-    seen: set[str] = set()
-    rows: list[dict] = []
-    while len(rows) < n:
-        row = _ner_text(rng, pools)
-        if row["text"] not in seen:
-            seen.add(row["text"])
-            rows.append(row)
-    return rows
+    return _distinct(lambda: _ner_text(rng, pools), n, set())
 
 
 # ---------------------------------------------------------------------------------------- sample corpus
@@ -447,7 +447,7 @@ def _news_story(rng: random.Random, pools: _Pools, label: str) -> str:
 def _forum_post(rng: random.Random, pools: _Pools) -> str:
     """An informal post: an opinion about something bought or used, or a reaction to the news."""
     if rng.random() < 0.6:
-        body = _review(rng, rng.choice(SENTIMENT_LABELS), size=rng.randint(2, 4))
+        body = _review(rng, _ReviewWriter(rng, rng.choice(SENTIMENT_LABELS)), size=rng.randint(2, 4))
         opener = rng.choice(_FORUM_OPENERS)
         if not opener.endswith(". ") and not re.match(r"I\b", body):
             body = body[:1].lower() + body[1:]
@@ -460,14 +460,13 @@ def _forum_post(rng: random.Random, pools: _Pools) -> str:
 def _long_text(rng: random.Random, source: str, pools: _Pools) -> str:
     """300-600 words in paragraphs: a news digest, one long review, or a forum thread."""
     target = rng.randint(300, 420) if source == "reviews" else rng.randint(300, 560)
-    writer = _ReviewWriter(rng, rng.random() < 0.5, rng.choice(V.DOMAINS))
+    writer = _ReviewWriter(rng, rng.choice(SENTIMENT_LABELS))
     paragraphs: list[str] = []
     while sum(len(p.split()) for p in paragraphs) < target:
         if source == "news":
             paragraphs.append(_news_story(rng, pools, rng.choice(TOPIC_LABELS)))
         elif source == "reviews":
-            label = SENTIMENT_LABELS[not writer.positive]
-            paragraphs.append(_review(rng, label, size=rng.randint(4, 6), writer=writer))
+            paragraphs.append(_review(rng, writer, size=rng.randint(4, 6)))
         else:
             paragraphs.append(_forum_post(rng, pools))
     return "\n\n".join(paragraphs)
@@ -477,11 +476,10 @@ def _corpus_text(rng: random.Random, source: str, length: str, pools: _Pools) ->
     if length == "long":
         return _long_text(rng, source, pools)
     if source == "reviews":
-        writer = _ReviewWriter(rng, rng.random() < 0.5, rng.choice(V.DOMAINS))
-        label = SENTIMENT_LABELS[not writer.positive]
+        writer = _ReviewWriter(rng, rng.choice(SENTIMENT_LABELS))
         if length == "short":
-            return f"{writer.item.capitalize()}: {_review(rng, label, 1, writer)}"
-        return _review(rng, label, size=rng.randint(3, 7), writer=writer)
+            return f"{writer.item.capitalize()}: {_review(rng, writer, size=1)}"
+        return _review(rng, writer, size=rng.randint(3, 7))
     if source == "news":
         label = rng.choice(TOPIC_LABELS)
         if length == "short":

@@ -1024,12 +1024,11 @@ NER_EMPTY_TEMPLATES = (
 )
 # Headline-style prefixes that add capitalised non-entity words before an entity sentence.
 NER_PREFIXES = (
-    "Breaking: ", "Update: ", "Exclusive: ", "Chapter {NUM}: ", "{DAY} update: ", "BREAKING - ",
-    "Opinion: ", "Report: ", "Watch: ", "Analysis: ", "Live: ", "Episode {NUM}: ", "{MONTH} {YEAR}: ",
-    "The Big Interview: ", "Morning Briefing: ", "Part {NUM} - ",
+    "Breaking:", "Update:", "Exclusive:", "Chapter {NUM}:", "{DAY} update:", "BREAKING -", "Opinion:",
+    "Report:", "Watch:", "Analysis:", "Live:", "Episode {NUM}:", "{MONTH} {YEAR}:", "The Big Interview:",
+    "Morning Briefing:", "Part {NUM} -",
 )
 CATEGORIES = (
     "Smartphones", "Laptops", "Electric Vehicles", "Headphones", "Smart Watches", "Tablets", "Cameras",
     "Garden Tools", "Kitchen Appliances", "Sneakers", "Board Games", "Home Office",
 )
-TITLE_CASE_WORDS = ("Breaking", "Chapter", "Monday", "The", "President", "Minister", "Update")
