@@ -1,0 +1,1 @@
+"""Demo assets: deterministic training-data generators for the shipped demo models."""
