@@ -195,8 +195,13 @@ def init_ray(runtime: RuntimeConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=runtime.local_cpus, num_gpus=runtime.local_gpus,
-                 include_dashboard=False, log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=runtime.local_cpus,
+            num_gpus=runtime.local_gpus,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
 
 
 def resolve_device(requested: str) -> str:

@@ -39,10 +39,12 @@ def ray_session():
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {
-        "topic": build_sequence_classifier(root / "topic", ["business", "sports", "science", "world"], seed=1,
-                                           model_max_length=WINDOW),
-        "sentiment": build_sequence_classifier(root / "sentiment", ["NEGATIVE", "POSITIVE"], seed=4,
-                                               model_max_length=WINDOW),
+        "topic": build_sequence_classifier(
+            root / "topic", ["business", "sports", "science", "world"], seed=1, model_max_length=WINDOW
+        ),
+        "sentiment": build_sequence_classifier(
+            root / "sentiment", ["NEGATIVE", "POSITIVE"], seed=4, model_max_length=WINDOW
+        ),
         "ner": build_token_classifier(root / "ner", NER_LABELS, seed=3, model_max_length=WINDOW),
     }
 
@@ -59,7 +61,9 @@ def make_texts(n: int, seed: int = 0, max_words: int = 600) -> list[str]:
     rng = random.Random(seed)
     vocab = _vocabulary()
     lengths = [1, 2, 3, max_words] + [
-        rng.choice([rng.randint(1, 12), rng.randint(10, 60), rng.randint(40, 200), rng.randint(150, max_words)])
+        rng.choice(
+            [rng.randint(1, 12), rng.randint(10, 60), rng.randint(40, 200), rng.randint(150, max_words)]
+        )
         for _ in range(n - 4)
     ]
     texts = []
@@ -97,7 +101,10 @@ def write_shards(folder: Path, rows: list[dict], n_parquet: int = 3, n_jsonl: in
 def corpus(tmp_path_factory) -> tuple[Path, list[dict]]:
     folder = tmp_path_factory.mktemp("corpus")
     texts = make_texts(320, seed=11)
-    rows = [{"id": f"doc-{i:04d}", "text": t, "source": ["news", "reviews", "forum"][i % 3]} for i, t in enumerate(texts)]
+    rows = [
+        {"id": f"doc-{i:04d}", "text": t, "source": ["news", "reviews", "forum"][i % 3]}
+        for i, t in enumerate(texts)
+    ]
     write_shards(folder, rows)
     return folder, rows
 

@@ -129,12 +129,12 @@ def test_ner_spans_are_valid(ner):
 
 
 def test_ner_covers_hard_cases(ner):
-    surfaces = [(r["text"][e["start"]:e["end"]], e["label"]) for r in ner for e in r["entities"]]
+    surfaces = [(r["text"][e["start"] : e["end"]], e["label"]) for r in ner for e in r["entities"]]
     assert {label for _, label in surfaces} == set(NER_LABELS)
     assert sum(" " in s for s, _ in surfaces) > 0.3 * len(surfaces)
     assert any(re.search(r"[äöüßéèłńçñåø]", s) for s, _ in surfaces), "names from non-English locales"
     assert any(r["entities"] and r["entities"][0]["start"] == 0 for r in ner)
-    assert any(r["entities"] and r["text"][r["entities"][-1]["end"]:] in {".", "!", "?"} for r in ner)
+    assert any(r["entities"] and r["text"][r["entities"][-1]["end"] :] in {".", "!", "?"} for r in ner)
     assert any(len(r["entities"]) >= 4 for r in ner)
     assert 0.03 * len(ner) < sum(not r["entities"] for r in ner) < 0.15 * len(ner)
     for word in ("Monday", "January", "Chapter", "Breaking", "President", "Minister", "The", "Smartphones"):
@@ -182,8 +182,13 @@ def test_cli_writes_identical_files(tmp_path, capsys):
     assert "sentiment.jsonl: 3000 rows" in capsys.readouterr().out
     # A fresh interpreter with another hash seed must produce the same bytes (no set-order leaks).
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    subprocess.run([sys.executable, "-m", "pipeline.demo.datagen", "--out", str(second)], cwd=REPO, env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.demo.datagen", "--out", str(second)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     for name in ("sentiment.jsonl", "topic.jsonl", "ner.jsonl"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
     rows = _read_jsonl(first / "ner.jsonl")

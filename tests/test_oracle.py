@@ -48,8 +48,8 @@ def test_partition_folders_and_columns(run):
     sub = {p.name for p in out.glob("sentiment_label=*/*") if p.is_dir()}
     assert sub == {"source=news", "source=reviews", "source=forum"}
     read = duckdb.sql(
-        f"select sentiment_label, source, count(*) from read_parquet('{out}/**/*.parquet', hive_partitioning=true)"
-        " group by all"
+        "select sentiment_label, source, count(*) "
+        f"from read_parquet('{out}/**/*.parquet', hive_partitioning=true) group by all"
     ).fetchall()
     assert sum(n for *_, n in read) == len(rows)
     assert all(label in {"positive", "negative"} for label, _, _ in read)
@@ -91,7 +91,9 @@ def _spans(entities, key="entity_group"):
 @pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "none"])
 def test_ner_equals_hf_with_stride(run, models, strategy):
     _, by_id, rows, _ = run
-    ner = hf_pipeline("token-classification", model=str(models["ner"]), aggregation_strategy=strategy, stride=STRIDE)
+    ner = hf_pipeline(
+        "token-classification", model=str(models["ner"]), aggregation_strategy=strategy, stride=STRIDE
+    )
     expected = ner([r["text"] for r in rows])
     total = 0
     for row, exp in zip(rows, expected, strict=True):
@@ -111,14 +113,22 @@ def test_ner_without_aggregation_equals_hf(run, models):
     tok = ner.tokenizer
     expected = ner([r["text"] for r in rows])
     for row, exp in zip(rows, expected, strict=True):
-        enc = tok(row["text"], truncation=True, max_length=WINDOW, stride=STRIDE, return_overflowing_tokens=True,
-                  return_offsets_mapping=True)
+        enc = tok(
+            row["text"],
+            truncation=True,
+            max_length=WINDOW,
+            stride=STRIDE,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+        )
         limit = len(row["text"]) + 1
         if len(enc["input_ids"]) > 1:
             limit = min(s for s, e in enc["offset_mapping"][1] if e > s)
         got = [e for e in by_id[row["id"]]["ner_none"] if e["start"] < limit]
         assert _spans(got) == _spans([e for e in exp if e["start"] < limit], key="entity"), row["id"]
-        assert [e["score"] for e in got] == pytest.approx([e["score"] for e in exp if e["start"] < limit], abs=1e-4)
+        assert [e["score"] for e in got] == pytest.approx(
+            [e["score"] for e in exp if e["start"] < limit], abs=1e-4
+        )
 
 
 def test_long_texts_have_entities_past_the_first_window(run, models):

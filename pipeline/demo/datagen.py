@@ -32,8 +32,19 @@ NER_LABELS = ("PER", "ORG", "LOC")
 CORPUS_SOURCES = ("reviews", "news", "forum")
 
 _SLOT = re.compile(r"\{(\w+)\}")
-_NAME_LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "it_IT", "nl_NL", "sv_SE", "pl_PL", "pt_BR",
-                 "en_IN")
+_NAME_LOCALES = (
+    "en_US",
+    "en_GB",
+    "de_DE",
+    "fr_FR",
+    "es_ES",
+    "it_IT",
+    "nl_NL",
+    "sv_SE",
+    "pl_PL",
+    "pt_BR",
+    "en_IN",
+)
 # fr_FR and pt_BR companies are often a bare surname, which would teach PER/ORG confusion.
 _COMPANY_LOCALES = ("en_US", "en_GB", "de_DE", "es_ES", "it_IT", "nl_NL", "sv_SE", "pl_PL")
 # it_IT is left out: Faker builds its city list from a set, so the order follows PYTHONHASHSEED.
@@ -210,8 +221,9 @@ def _review(rng: random.Random, writer: _ReviewWriter, size: int | None = None) 
     """
     positive, domain = writer.positive, writer.domain
     size = size or rng.choices(_REVIEW_SIZES, weights=_REVIEW_SIZE_WEIGHTS)[0]
-    sentences = [writer.sentence(rng.choices(_SENTENCE_KINDS, weights=_SENTENCE_WEIGHTS)[0])
-                 for _ in range(size)]
+    sentences = [
+        writer.sentence(rng.choices(_SENTENCE_KINDS, weights=_SENTENCE_WEIGHTS)[0]) for _ in range(size)
+    ]
     if size > 1 and rng.random() < 0.3:
         sentences.append(writer.pick(V.POS_CLOSERS if positive else V.NEG_CLOSERS))
     if rng.random() < 0.12:
@@ -238,22 +250,29 @@ def _review(rng: random.Random, writer: _ReviewWriter, size: int | None = None) 
 def make_sentiment(n: int = 3000, seed: int = 0) -> list[dict]:
     """Balanced positive/negative reviews from many domains, with negation, contrast and stars."""
     rng = _rng("sentiment", seed)
-    return _balanced(rng, SENTIMENT_LABELS, n, lambda label: {"text": _review(rng, _ReviewWriter(rng, label)),
-                                                              "label": label})
+    return _balanced(
+        rng,
+        SENTIMENT_LABELS,
+        n,
+        lambda label: {"text": _review(rng, _ReviewWriter(rng, label)), "label": label},
+    )
 
 
 # ------------------------------------------------------------------------------------------------ topic
 
 _TEAMS = tuple(f"{city} {suffix}" for city in V.CITIES for suffix in V.TEAM_SUFFIXES) + V.SPORTS_TEAMS
-_SMALL_WORDS = frozenset(("a", "an", "and", "as", "at", "by", "for", "from", "in", "of", "on", "or", "the",
-                          "to", "with"))
+_SMALL_WORDS = frozenset(
+    ("a", "an", "and", "as", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with")
+)
 
 
 def _title_case(template: str) -> str:
     """Headline Title Case; applied to the template so filled names keep their own casing."""
     words = template.split(" ")
-    return " ".join(w if (i and w in _SMALL_WORDS) or w.startswith("{") else w[:1].upper() + w[1:]
-                    for i, w in enumerate(words))
+    return " ".join(
+        w if (i and w in _SMALL_WORDS) or w.startswith("{") else w[:1].upper() + w[1:]
+        for i, w in enumerate(words)
+    )
 
 
 def _ordinal(n: int) -> str:
@@ -267,10 +286,20 @@ _TOPIC_COUNTRIES = tuple(f"the {c}" if c in V.WITH_ARTICLE else c for c in V.COU
 def _topic_slots(rng: random.Random, pools: _Pools) -> dict[str, Sequence[str]]:
     """Fresh values for one topic text (numbers are drawn here so each text gets its own)."""
     currency = rng.choice("$€£")
-    amount = rng.choice((f"{rng.randint(1, 99)}.{rng.randint(1, 9)} billion",
-                         f"{rng.randint(20, 950)} million", f"{rng.randint(2, 90)}m"))
-    pct = rng.choice((f"{rng.randint(1, 45)}%", f"{rng.randint(0, 9)}.{rng.randint(1, 9)}%",
-                      f"{rng.randint(2, 30)} per cent"))
+    amount = rng.choice(
+        (
+            f"{rng.randint(1, 99)}.{rng.randint(1, 9)} billion",
+            f"{rng.randint(20, 950)} million",
+            f"{rng.randint(2, 90)}m",
+        )
+    )
+    pct = rng.choice(
+        (
+            f"{rng.randint(1, 45)}%",
+            f"{rng.randint(0, 9)}.{rng.randint(1, 9)}%",
+            f"{rng.randint(2, 30)} per cent",
+        )
+    )
     home, away = rng.randint(1, 5), rng.randint(0, 4)
     return {
         "person": tuple(" ".join(rng.choice(pools.names)) for _ in range(3)),
@@ -322,14 +351,22 @@ def make_topic(n: int = 2000, seed: int = 0) -> list[dict]:
     """Balanced news headlines and short paragraphs: business, sports, science_tech, world."""
     rng = _rng("topic", seed)
     pools = _faker_pools(seed)
-    return _balanced(rng, TOPIC_LABELS, n, lambda label: {"text": _topic_text(rng, label, pools),
-                                                          "label": label})
+    return _balanced(
+        rng, TOPIC_LABELS, n, lambda label: {"text": _topic_text(rng, label, pools), "label": label}
+    )
 
 
 # -------------------------------------------------------------------------------------------------- NER
 
-_ENTITY_SLOTS = {"PER": "PER", "SURNAME": "PER", "ORG": "ORG", "COMPANY": "ORG", "LOC": "LOC", "CITY": "LOC",
-                 "COUNTRY": "LOC"}
+_ENTITY_SLOTS = {
+    "PER": "PER",
+    "SURNAME": "PER",
+    "ORG": "ORG",
+    "COMPANY": "ORG",
+    "LOC": "LOC",
+    "CITY": "LOC",
+    "COUNTRY": "LOC",
+}
 
 
 def _entity_value(rng: random.Random, slot: str, pools: _Pools) -> str:
@@ -370,7 +407,7 @@ def _render_ner(rng: random.Random, template: str, pools: _Pools) -> tuple[str, 
     entities: list[dict] = []
     last = 0
     for match in _SLOT.finditer(template):
-        text += template[last:match.start()]
+        text += template[last : match.start()]
         slot = match.group(1)
         if slot in _ENTITY_SLOTS:
             surface = _entity_value(rng, slot, pools)
@@ -396,9 +433,16 @@ def _ner_sentence(rng: random.Random, pools: _Pools) -> tuple[str, list[dict]]:
         return _render_ner(rng, rng.choice(V.NER_EMPTY_TEMPLATES), pools)
     template = rng.choice(V.NER_TEMPLATES)
     if template[0].isupper() and ":" not in template and rng.random() < 0.12:
-        prefix = _fill(rng, rng.choice(V.NER_PREFIXES), {"NUM": (str(rng.randint(1, 30)),),
-                                                         "DAY": V.DAYS, "MONTH": V.MONTHS,
-                                                         "YEAR": (str(rng.randint(1990, 2025)),)})
+        prefix = _fill(
+            rng,
+            rng.choice(V.NER_PREFIXES),
+            {
+                "NUM": (str(rng.randint(1, 30)),),
+                "DAY": V.DAYS,
+                "MONTH": V.MONTHS,
+                "YEAR": (str(rng.randint(1990, 2025)),),
+            },
+        )
         template = f"{prefix} {template}"
     return _render_ner(rng, template, pools)
 
@@ -423,15 +467,44 @@ def make_ner(n: int = 3500, seed: int = 0) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- sample corpus
 
-_FORUM_OPENERS = ("Quick question: ", "PSA: ", "Just my two cents: ", "Honest opinion: ", "tbh ", "FWIW, ",
-                  "Lurker here. ", "Following up on my last post: ", "Long time reader, first post. ",
-                  "Not sure this is the right thread, but ")
-_FORUM_CLOSERS = (" Thoughts?", " Anyone else?", " Cheers.", " Just saying.", " Edit: typo.",
-                  " Thanks in advance!", " Mods, feel free to move this.", " /rant")
-_FORUM_NEWS_INTROS = ("Did anyone else see this? ", "Saw this on the news: ", "Can't believe this: ",
-                      "Posting this here for discussion. ", "So this just happened: ")
-_FORUM_REACTIONS = ("Wild.", "Not surprised, honestly.", "Big if true.", "About time.", "What a week.",
-                    "Curious what you all think.", "Makes you wonder what comes next.")
+_FORUM_OPENERS = (
+    "Quick question: ",
+    "PSA: ",
+    "Just my two cents: ",
+    "Honest opinion: ",
+    "tbh ",
+    "FWIW, ",
+    "Lurker here. ",
+    "Following up on my last post: ",
+    "Long time reader, first post. ",
+    "Not sure this is the right thread, but ",
+)
+_FORUM_CLOSERS = (
+    " Thoughts?",
+    " Anyone else?",
+    " Cheers.",
+    " Just saying.",
+    " Edit: typo.",
+    " Thanks in advance!",
+    " Mods, feel free to move this.",
+    " /rant",
+)
+_FORUM_NEWS_INTROS = (
+    "Did anyone else see this? ",
+    "Saw this on the news: ",
+    "Can't believe this: ",
+    "Posting this here for discussion. ",
+    "So this just happened: ",
+)
+_FORUM_REACTIONS = (
+    "Wild.",
+    "Not surprised, honestly.",
+    "Big if true.",
+    "About time.",
+    "What a week.",
+    "Curious what you all think.",
+    "Makes you wonder what comes next.",
+)
 
 
 def _news_story(rng: random.Random, pools: _Pools, label: str) -> str:
@@ -513,8 +586,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo.datagen",
-                                     description="Write the demo training sets as JSONL files.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.demo.datagen", description="Write the demo training sets as JSONL files."
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="same seed gives byte-identical files")
     args = parser.parse_args(argv)

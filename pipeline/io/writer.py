@@ -74,6 +74,7 @@ class OutputLocation:
 def data_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     if not fs.exists(root):
         return []
+
     def hidden(path: str) -> bool:
         return any(part.startswith(("_", ".")) for part in path[len(root) :].split("/"))
 
