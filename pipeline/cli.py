@@ -83,6 +83,9 @@ def run(
 
 
 def print_summary(summary: dict) -> None:
+    if summary.get("nothing_to_do"):
+        out.print("nothing to do: the output already holds every input file")
+        return
     table = Table(title=f"run {summary['run_id']}")
     table.add_column("what")
     table.add_column("value", justify="right")

@@ -21,6 +21,7 @@ from pipeline import columns as C
 from pipeline.config import ConfigError, JobConfig, RuntimeConfig, TaskKind
 from pipeline.io.paths import Shard, discover, redact, redact_options
 from pipeline.io.reader import ShardReport, inspect_shard
+from pipeline.io.state import Intent, Ledger, OutputLock, config_fingerprint
 from pipeline.io.writer import OutputLocation, arrow_filesystem, publish, staged_stats
 from pipeline.models.loading import ModelInfo, inspect_model
 from pipeline.stages.infer import ModelTask
@@ -47,6 +48,20 @@ class Plan:
     def good_shards(self) -> list[Shard]:
         bad = {s["file"] for s in self.skipped}
         return [s for s in self.shards if s.url not in bad]
+
+    def only(self, shards: list[Shard]) -> Plan:
+        """The same plan restricted to ``shards`` (incremental runs)."""
+        keep = {s.url for s in shards}
+        return Plan(
+            self.config,
+            self.infos,
+            self.model_tasks,
+            self.groups,
+            list(shards),
+            [r for r in self.reports if r.shard.url in keep],
+            self.skipped,
+            self.derive_id,
+        )
 
     @property
     def rows_in(self) -> int:
@@ -314,25 +329,92 @@ def run_summary(p: Plan, run_id: str, started: float, stats, device: str) -> dic
     }
 
 
-def execute(config: JobConfig) -> dict[str, Any]:
-    """Run the job; returns the run summary. Raises ConfigError for user errors (nothing written)."""
-    from ray.data._internal.savemode import SaveMode
-
-    started = time.time()
-    run_id = new_run_id()
-    location = OutputLocation.from_url(config.output.path, config.output.storage_options)
+def _prepare_output(config: JobConfig, location: OutputLocation) -> tuple[str, Intent | None]:
+    """Decide how this run publishes, and whether it resumes an interrupted one (its intent)."""
     mode = config.output.mode.value
+    if mode == "resume":
+        intent = Intent.load(location)
+        if intent is None and location.is_complete():
+            return "complete", None
+        if intent is None:
+            log.info("no interrupted run to resume at %s; starting a fresh one", redact(config.output.path))
+            return "error", None
+        if intent.fingerprint != config_fingerprint(config):
+            raise ConfigError(
+                f"the config differs from the interrupted run {intent.run_id} (inputs, tasks or output "
+                "layout changed); resume needs the same config, or use output.mode: overwrite"
+            )
+        log.info("resuming run %s (publish mode %s)", intent.run_id, intent.mode)
+        return intent.mode, intent
     if mode == "error" and location.has_data():
         raise ConfigError(
             f"output.path {redact(config.output.path)} already has data; "
-            "set output.mode to overwrite or append"
+            "set output.mode to overwrite, append or incremental"
         )
+    return mode, None
+
+
+def _checkpointing(location: OutputLocation):
+    """Ray Data's row-level checkpoint (two-phase, exactly-once file writes since 2.60), keyed by
+    ``_row_key``. We delete it ourselves after publishing: Ray would drop it when execution ends, and a
+    crash between that and the publish would make a resume process every row again."""
+    from ray.data.checkpoint import CheckpointConfig
+
+    return CheckpointConfig(
+        id_column=C.ROW_KEY,
+        checkpoint_path=location.checkpoint,
+        delete_checkpoint_on_success=False,
+        override_filesystem=arrow_filesystem(location.fs),
+    )
+
+
+def execute(config: JobConfig) -> dict[str, Any]:
+    """Run the job; returns the run summary. Raises ConfigError for user errors (nothing written)."""
+    started = time.time()
+    run_id = new_run_id()
+    location = OutputLocation.from_url(config.output.path, config.output.storage_options)
+    publish_mode, intent = _prepare_output(config, location)
+    if publish_mode == "complete":
+        log.info("output %s is complete; nothing to resume", redact(config.output.path))
+        return {"run_id": run_id, "nothing_to_do": True, "rows_in": 0, "rows_out": 0}
     # A local run checks its files in this process, so that bad input fails before Ray even starts.
     p = plan(config, inspect_on_ray(config) if config.runtime.address else inspect_locally(config))
+    ledger = Ledger.load(location) if publish_mode == "incremental" else None
+    if ledger is not None:
+        p = p.only(ledger.changed(p.good_shards))
+        if not p.shards:
+            log.info("incremental: no new or changed input files; nothing written")
+            return {"run_id": run_id, "nothing_to_do": True, "rows_in": 0, "rows_out": 0}
+    lock = OutputLock(location, intent.run_id if intent else run_id)
+    lock.acquire(take_over_from=intent.run_id if intent else None)
+    try:
+        if intent is None:
+            location.reset_staging()
+            if location.fs.exists(location.checkpoint):
+                location.fs.rm(location.checkpoint, recursive=True)
+            Intent(run_id, publish_mode, config_fingerprint(config), started).save(location)
+        summary = _run_and_publish(config, p, location, run_id, publish_mode, ledger, started)
+    finally:
+        lock.release()
+    return summary
+
+
+def _run_and_publish(
+    config: JobConfig,
+    p: Plan,
+    location: OutputLocation,
+    run_id: str,
+    publish_mode: str,
+    ledger: Ledger | None,
+    started: float,
+) -> dict[str, Any]:
+    import ray
+    from ray.data._internal.savemode import SaveMode
+
     init_ray(config.runtime)
     device = resolve_device(config.runtime.device)
+    ray.data.DataContext.get_current().checkpoint_config = _checkpointing(location)
     ds = build_dataset(p, device)
-    location.reset_staging()
     ds.write_parquet(
         location.staging,
         filesystem=arrow_filesystem(location.fs),
@@ -355,5 +437,20 @@ def execute(config: JobConfig) -> dict[str, Any]:
             f"{stats.distinct_keys} distinct row keys; the output was not published"
         )
     summary = run_summary(p, run_id, started, stats, device)
-    publish(location, mode, run_id, summary)
+    Intent.remove(location)
+    publish(
+        location,
+        "append" if publish_mode == "incremental" else publish_mode,
+        run_id,
+        summary,
+        before_success=(lambda: _record_ledger(ledger, p, location, run_id)) if ledger else None,
+    )
+    location.fs.rm(location.checkpoint, recursive=True)
     return summary
+
+
+def _record_ledger(ledger: Ledger, p: Plan, location: OutputLocation, run_id: str) -> None:
+    if Ledger.load(location).generation != ledger.generation:
+        raise RuntimeError("the incremental ledger changed during this run (a concurrent run?)")
+    ledger.record(p.good_shards, run_id)
+    ledger.save(location)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,31 +106,47 @@ def staged_stats(location: OutputLocation, id_column: str) -> WriteStats:
     return WriteStats(rows, len(keys), dict(reasons), len(files), duplicates)
 
 
-def publish(location: OutputLocation, mode: str, run_id: str, summary: dict[str, Any]) -> None:
-    """Make the staged output the output, then write the run summary and ``_SUCCESS``."""
+def publish(
+    location: OutputLocation,
+    mode: str,
+    run_id: str,
+    summary: dict[str, Any],
+    before_success: Callable[[], None] | None = None,
+) -> None:
+    """Make the staged output the output, then write the run summary and ``_SUCCESS``.
+
+    ``before_success`` runs after the data is in place and before the marker (the incremental ledger).
+    """
     fs = location.fs
-    if fs.exists(posixpath.join(location.path, SUCCESS)):
-        fs.rm(posixpath.join(location.path, SUCCESS))  # readers must not trust the output while it changes
     if mode == "append" and fs.exists(location.path):
+        success = posixpath.join(location.path, SUCCESS)
+        if fs.exists(success):
+            fs.rm(success)  # readers must not trust the output while files are being added
         for src in data_files(fs, location.staging):
             dst = posixpath.join(location.path, src[len(location.staging) + 1 :])
             fs.makedirs(posixpath.dirname(dst), exist_ok=True)
             fs.mv(src, dst)
         fs.rm(location.staging, recursive=True)
     else:
-        old = f"{location.path}.old-{run_id}"
+        old = location._sibling(f"old-{run_id}")
         if fs.exists(location.path):
             if mode == "error" and location.has_data():
                 raise ConfigError(f"output.path {location.path} appeared during the run; not overwriting it")
-            fs.mv(location.path, old, recursive=True)
-        _rename_dir(fs, location.staging, location.path)
-        if fs.exists(old):
-            keep = (
-                [p for p in fs.ls(posixpath.join(old, RUNS))] if fs.exists(posixpath.join(old, RUNS)) else []
-            )
-            for past in keep:  # the history of runs outlives the data it described
+            _rename_dir(fs, location.path, old)
+        try:
+            _rename_dir(fs, location.staging, location.path)
+        except Exception:
+            if fs.exists(old):
+                _rename_dir(fs, old, location.path)  # roll back: the previous output stays as it was
+            raise
+        old_runs = posixpath.join(old, RUNS)
+        if fs.exists(old_runs):
+            for past in fs.ls(old_runs):  # the history of runs outlives the data it described
                 fs.mv(past, posixpath.join(location.path, RUNS, posixpath.basename(past)))
+        if fs.exists(old):
             fs.rm(old, recursive=True)
+    if before_success:
+        before_success()
     write_json(fs, posixpath.join(location.path, RUNS, f"{run_id}.json"), summary)
     with fs.open(posixpath.join(location.path, SUCCESS), "w") as fh:
         fh.write(run_id + "\n")

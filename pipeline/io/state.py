@@ -1,0 +1,150 @@
+"""Bookkeeping Ray does not do for us: one writer per output, resumable runs, and the incremental ledger.
+
+- ``OutputLock``: a lock file beside the output (``.<name>.lock``) so that two runs never share a
+  staging folder or publish over each other. Taken with an exclusive create where the filesystem has
+  one (local disks, NFS); on object stores it is written and read back, which narrows the race to the
+  moment of creation. A second run fails fast with one line naming the holder.
+- ``Intent``: written into the staging folder when a run starts. ``mode: resume`` reads it to finish
+  the interrupted run with the same config and the same publish mode, and takes over its lock.
+- ``Ledger``: the input files (url, size, mtime/etag) that an ``incremental`` output already holds,
+  stored as ``_state/ledger.json`` in the output and replaced only after the data is published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.config import ConfigError, JobConfig
+from pipeline.io.paths import Shard, redact
+from pipeline.io.writer import OutputLocation, write_json
+
+INTENT = "_intent.json"
+LEDGER = posixpath.join("_state", "ledger.json")
+
+
+def config_fingerprint(config: JobConfig) -> str:
+    """What must not change between an interrupted run and its resume: inputs, tasks, output layout."""
+    data = config.model_dump(mode="json")
+    data["output"].pop("mode", None)
+    data["runtime"] = {k: data["runtime"][k] for k in ("max_length", "stride")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_json(fs, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open(path, "r") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class Intent:
+    run_id: str
+    mode: str
+    fingerprint: str
+    started: float
+
+    @classmethod
+    def load(cls, location: OutputLocation) -> Intent | None:
+        data = _read_json(location.fs, posixpath.join(location.staging, INTENT))
+        return cls(**data) if data else None
+
+    def save(self, location: OutputLocation) -> None:
+        write_json(location.fs, posixpath.join(location.staging, INTENT), asdict(self))
+
+    @staticmethod
+    def remove(location: OutputLocation) -> None:
+        path = posixpath.join(location.staging, INTENT)
+        if location.fs.exists(path):
+            location.fs.rm(path)
+
+
+class OutputLock:
+    def __init__(self, location: OutputLocation, run_id: str):
+        self.location = location
+        self.run_id = run_id
+        self.path = location.path.rstrip("/") + ".lock"
+        self.path = posixpath.join(posixpath.dirname(self.path), "." + posixpath.basename(self.path))
+
+    def holder(self) -> dict[str, Any] | None:
+        return _read_json(self.location.fs, self.path)
+
+    def acquire(self, take_over_from: str | None = None) -> None:
+        """Take the lock; ``take_over_from`` names an interrupted run whose stale lock may be replaced."""
+        fs = self.location.fs
+        fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        record = {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.time(),
+        }
+        held = self.holder()
+        if held and held.get("run_id") != take_over_from:
+            raise ConfigError(
+                f"output {redact(self.location.path)} is being written by run {held.get('run_id')} "
+                f"(host {held.get('host')}, pid {held.get('pid')}); if that run died, rerun with "
+                f"output.mode: resume, or delete {redact(self.path)}"
+            )
+        if held:
+            fs.rm(self.path)
+        try:
+            with fs.open(self.path, "xb") as fh:
+                fh.write(json.dumps(record).encode())
+        except FileExistsError:
+            raise ConfigError(
+                f"output {redact(self.location.path)} was locked by another run just now"
+            ) from None
+        except (ValueError, NotImplementedError):  # no exclusive create here: write, then read back
+            with fs.open(self.path, "wb") as fh:
+                fh.write(json.dumps(record).encode())
+            time.sleep(0.2)
+            if (self.holder() or {}).get("run_id") != self.run_id:
+                raise ConfigError(
+                    f"output {redact(self.location.path)} was locked by another run just now"
+                ) from None
+
+    def release(self) -> None:
+        held = self.holder()
+        if held and held.get("run_id") == self.run_id:
+            self.location.fs.rm(self.path)
+
+
+class Ledger:
+    """Which input files (by url, size and version) an incremental output already holds."""
+
+    def __init__(self, files: dict[str, dict[str, Any]] | None = None, generation: int = 0):
+        self.files = files or {}
+        self.generation = generation
+
+    @classmethod
+    def load(cls, location: OutputLocation) -> Ledger:
+        data = _read_json(location.fs, posixpath.join(location.path, LEDGER)) or {}
+        return cls(data.get("files"), data.get("generation", 0))
+
+    def is_new(self, shard: Shard) -> bool:
+        seen = self.files.get(shard.url)
+        return seen is None or (seen["size"], seen["version"]) != (shard.size, shard.version)
+
+    def changed(self, shards: list[Shard]) -> list[Shard]:
+        return [s for s in shards if self.is_new(s)]
+
+    def record(self, shards: list[Shard], run_id: str) -> None:
+        for s in shards:
+            self.files[s.url] = {"size": s.size, "version": s.version, "run_id": run_id}
+        self.generation += 1
+
+    def save(self, location: OutputLocation) -> None:
+        write_json(
+            location.fs,
+            posixpath.join(location.path, LEDGER),
+            {"generation": self.generation, "files": self.files},
+        )
