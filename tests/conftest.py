@@ -62,7 +62,12 @@ def make_texts(n: int, seed: int = 0, max_words: int = 600) -> list[str]:
     vocab = _vocabulary()
     lengths = [1, 2, 3, max_words] + [
         rng.choice(
-            [rng.randint(1, 12), rng.randint(10, 60), rng.randint(40, 200), rng.randint(150, max_words)]
+            [
+                rng.randint(1, 12),
+                rng.randint(10, 60),
+                rng.randint(min(40, max_words), max(40, min(200, max_words))),
+                rng.randint(max_words // 4, max_words),
+            ]
         )
         for _ in range(n - 4)
     ]

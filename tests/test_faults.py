@@ -1,0 +1,207 @@
+"""Crashes and concurrency on a real local Ray: killed actors, a killed driver and resume, a failed
+overwrite, a second writer, and incremental runs. Every case ends with each id exactly once and the
+predictions of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.dataset as pads
+import pytest
+from conftest import base_config, make_texts, write_config, write_shards
+
+from pipeline.config import ConfigError, JobConfig
+from pipeline.io import writer
+from pipeline.io.state import OutputLock
+from pipeline.io.writer import OutputLocation
+from pipeline.runner import execute
+
+pytestmark = pytest.mark.slow
+COMPARED = ("topic_label", "topic_score", "sentiment_label", "sentiment_score", "entities", "_error")
+
+
+@pytest.fixture(scope="module")
+def fault_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fault_corpus")
+    texts = make_texts(1200, seed=5, max_words=120)
+    rows = [{"id": f"r{i:05d}", "text": t} for i, t in enumerate(texts)]
+    write_shards(folder, rows, n_parquet=4, n_jsonl=2)
+    return folder, rows
+
+
+def _config(input_dir: Path, out: Path, models, **output) -> JobConfig:
+    cfg = base_config(input_dir, out, models, rows_per_block=20)
+    cfg["output"].update(output)
+    return JobConfig.model_validate(cfg)
+
+
+def read_output(out: Path) -> dict[str, dict]:
+    rows = pads.dataset(str(out), partitioning="hive").to_table().to_pylist()
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "an id appears more than once"
+    return {r["id"]: {k: r[k] for k in COMPARED} for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, fault_corpus, models, tmp_path_factory):
+    """An uninterrupted run of the same job."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    execute(_config(fault_corpus[0], out, models))
+    return read_output(out)
+
+
+def _staged_files(out: Path) -> int:
+    return len(list((out.parent / f".{out.name}.staging").rglob("*.parquet")))
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _infer_actor() -> psutil.Process | None:
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "MapBatches(InferStage)" in cmd or "MapBatches(InferStage)" in (proc.info["name"] or ""):
+            return proc
+    return None
+
+
+def test_killed_model_actor_is_restarted_and_its_batches_redone(
+    reference, fault_corpus, models, tmp_path, capfd
+):
+    out = tmp_path / "out"
+    errors: list[BaseException] = []
+    run = threading.Thread(target=lambda: _capture(errors, execute, _config(fault_corpus[0], out, models)))
+    run.start()
+    victim = _wait_for(
+        lambda: _infer_actor() if _staged_files(out) >= 2 else None, 240, "model actor at work"
+    )
+    victim_pid = victim.pid
+    victim.send_signal(signal.SIGKILL)
+    run.join(600)
+    assert not errors, errors
+    assert not run.is_alive()
+    assert read_output(out) == reference
+    pids = {
+        int(line.split("model actor pid=")[1].split()[0])
+        for line in capfd.readouterr().err.splitlines()
+        if "model actor pid=" in line
+    }
+    assert victim_pid in pids and len(pids) >= 2, "the actor was not restarted"
+
+
+def _capture(errors, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        errors.append(exc)
+
+
+def test_killed_driver_leaves_no_output_and_resume_finishes(reference, fault_corpus, models, tmp_path):
+    out = tmp_path / "out"
+    path = write_config(
+        tmp_path / "job.yaml", **_config(fault_corpus[0], out, models).model_dump(mode="json")
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(path)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        _wait_for(
+            lambda: _staged_files(out) >= 3 or driver.poll() is not None, 300, "the first written files"
+        )
+        assert driver.poll() is None, "the run finished before it could be killed; make the corpus larger"
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert not out.exists(), "a killed run must not leave anything that looks like an output"
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(path), "--set", "output.mode=resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert read_output(out) == reference
+    assert (out / "_SUCCESS").exists()
+    summary = json.loads(next((out / "_runs").glob("*.json")).read_text())
+    assert summary["rows_in"] == summary["rows_out"] == len(reference)
+    assert not (tmp_path / ".out.checkpoint").exists() and not (tmp_path / ".out.staging").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_failed_overwrite_keeps_the_previous_output(reference, fault_corpus, models, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    execute(_config(fault_corpus[0], out, models))
+    before = _snapshot(out)
+    real_rename = writer._rename_dir
+
+    def failing_rename(fs, src, dst):
+        if src.endswith(".staging"):
+            raise OSError("injected failure while publishing")
+        real_rename(fs, src, dst)
+
+    monkeypatch.setattr(writer, "_rename_dir", failing_rename)
+    with pytest.raises(OSError, match="injected"):
+        execute(_config(fault_corpus[0], out, models, mode="overwrite"))
+    assert _snapshot(out) == before
+    assert read_output(out) == reference
+    monkeypatch.setattr(writer, "_rename_dir", real_rename)
+    execute(_config(fault_corpus[0], out, models, mode="overwrite"))
+    assert read_output(out) == reference
+    assert len(list((out / "_runs").glob("*.json"))) == 2, "the run history is kept across overwrites"
+
+
+def test_a_second_writer_fails_cleanly(fault_corpus, models, tmp_path):
+    out = tmp_path / "out"
+    lock = OutputLock(OutputLocation.from_url(str(out), {}), "other-run")
+    lock.acquire()
+    with pytest.raises(ConfigError, match="being written by run other-run"):
+        execute(_config(fault_corpus[0], out, models))
+    lock.release()
+    assert not out.exists()
+
+
+def test_incremental_processes_only_new_files(ray_session, models, tmp_path):
+    input_dir = tmp_path / "in"
+    first = [{"id": f"a{i}", "text": t} for i, t in enumerate(make_texts(40, seed=1, max_words=30))]
+    write_shards(input_dir, first, n_parquet=1, n_jsonl=1)
+    out = tmp_path / "out"
+    cfg = _config(input_dir, out, models, mode="incremental", partition_by=["sentiment_label"])
+    s1 = execute(cfg)
+    assert s1["rows_in"] == 40
+    before = _snapshot(out)
+    s2 = execute(cfg)
+    assert s2.get("nothing_to_do") and _snapshot(out) == before, "an unchanged input must write nothing"
+    second = [{"id": f"b{i}", "text": t} for i, t in enumerate(make_texts(15, seed=2, max_words=30))]
+    write_shards(input_dir / "more", second, n_parquet=1, n_jsonl=0)
+    s3 = execute(cfg)
+    assert s3["rows_in"] == 15 and s3["files_in"] == 1
+    got = read_output(out)
+    assert sorted(got) == sorted(r["id"] for r in first + second)
+    ledger = json.loads((out / "_state" / "ledger.json").read_text())
+    assert len(ledger["files"]) == 3 and ledger["generation"] == 2
