@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from tiny_models import NER_LABELS, build_sequence_classifier, build_token_classifier, tiny_tokenizer
 from transformers import BertForSequenceClassification, pipeline
 
@@ -17,6 +18,7 @@ from pipeline.config import ConfigError, TaskKind
 from pipeline.train import FinetuneConfig, load_finetune_config, run_finetune
 from pipeline.train.data import LabelledRows, encode, read_labelled, resolve_labels, spans_to_bio
 from pipeline.train.metrics import bio_entities, classification_metrics, entity_metrics
+from pipeline.train.trainer import _load_model
 
 TOPICS = {
     "sports": ["football", "goal", "match", "coach", "league", "tennis"],
@@ -240,6 +242,26 @@ def test_non_empty_output_dir_needs_overwrite(tmp_path):
         run_finetune(cfg)
 
 
+def test_integer_labels_keep_numeric_order(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "x", "label": n} for n in (10, 2, 1)])
+    cfg = make_config(kind="classification", base_model="x", output_dir="out", data={"paths": [str(path)]})
+    assert resolve_labels(cfg, [read_labelled(cfg, cfg.data.paths, "data.paths")], None) == ["1", "2", "10"]
+
+
+def test_base_head_kept_only_for_its_own_labels(tmp_path):
+    base = build_sequence_classifier(tmp_path / "base", ["neg", "pos"])
+    head = BertForSequenceClassification.from_pretrained(base).classifier.weight
+    cfg = make_config(kind="classification", base_model=str(base), output_dir="out", data={"paths": ["x"]})
+    kept = _load_model(cfg, str(base), ["neg", "pos"], reinit_head=False)
+    assert torch.equal(kept.classifier.weight, head)
+    fresh = _load_model(cfg, str(base), ["spam", "ham"], reinit_head=True)
+    assert fresh.config.id2label == {0: "spam", 1: "ham"}
+    assert torch.equal(fresh.bert.pooler.dense.weight, kept.bert.pooler.dense.weight)
+    assert not torch.equal(fresh.classifier.weight, head)
+    assert fresh.classifier.weight.std().item() == pytest.approx(0.3, rel=0.3)  # the base's initializer_range
+    assert not fresh.classifier.bias.any()
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -329,10 +351,11 @@ def test_finetune_classifier_from_bare_encoder(tmp_path, ray_local):
 def test_finetune_ner_keeps_head_and_loads_in_pipeline(tmp_path, ray_local):
     base = build_token_classifier(tmp_path / "base", initializer_range=0.02)
     data = write_jsonl(tmp_path / "train.jsonl", ner_rows(120))
+    held_out = write_jsonl(tmp_path / "dev.jsonl", ner_rows(10, seed=1))
     cfg = make_config(
         kind="ner",
         base_model=str(base),
-        data={"paths": [str(data)]},
+        data={"paths": [str(data)], "validation_paths": [str(held_out)]},
         output_dir=str(tmp_path / "ner"),
         epochs=1,
         batch_size=16,
@@ -343,6 +366,7 @@ def test_finetune_ner_keeps_head_and_loads_in_pipeline(tmp_path, ray_local):
     result = run_finetune(cfg)
 
     assert result["labels"] == NER_LABELS  # the base head covers PER/ORG/LOC, so its order is kept
+    assert (result["train_rows"], result["validation_rows"]) == (120, 10)
     assert result["best_metric"] == "val_entity_f1" and 0.0 <= result["best_score"] <= 1.0
     assert result["dtype"] == "float32"
     assert sum(result["loss_history"][-3:]) < sum(result["loss_history"][:3])

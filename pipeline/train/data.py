@@ -191,8 +191,8 @@ def resolve_labels(
         return bio_tags(sorted(seen))
     if cfg.kind == TaskKind.sentiment:
         labels = [label for label in SENTIMENT_LABELS if label in seen]
-    else:
-        labels = sorted(seen)
+    else:  # integer labels (as strings) in numeric order
+        labels = sorted(seen, key=lambda label: (0, int(label), "") if label.isdigit() else (1, 0, label))
     if len(labels) < 2:
         raise ConfigError(f"data.paths: a classifier needs at least 2 labels, the data has {labels}")
     return labels

@@ -1,9 +1,9 @@
 """Fine-tune a BERT-family classifier or BIO tagger on Ray Train and publish the best epoch.
 
 The driver reads and checks the data, picks the labels and tokenises once into padded numpy
-arrays, then ``ray.put``\\ s them: every data error surfaces before a worker starts, N workers do not
-repeat the tokenisation, and workers read the arrays zero-copy from the object store. (Ray Data
-streaming would only pay off for corpora too big for memory, which labelled fine-tune sets are not.)
+arrays, which it puts in the object store: every data error surfaces before a worker starts, N
+workers do not repeat the tokenisation, and they read the arrays zero-copy. (Ray Data streaming
+would only pay off for corpora too big for memory, which labelled fine-tune sets are not.)
 
 A ``TorchTrainer`` runs ``_train_loop`` on ``runtime.num_workers`` workers: ``prepare_model`` wraps
 the model in DDP when there is more than one, ``prepare_data_loader`` adds the distributed sampler
@@ -460,6 +460,7 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         model.train()
+        epoch_started = time.monotonic()
         epoch_losses = []
         for batch in loader:
             with autocast():
@@ -485,7 +486,12 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             )
             if step == total_steps:
                 break
-        metrics = {"epoch": epoch, "step": step, "train_loss": round(float(np.mean(epoch_losses)), 5)}
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": round(float(np.mean(epoch_losses)), 5),
+            "train_seconds": round(time.monotonic() - epoch_started, 2),
+        }
         if rank == 0:
             metrics.update(_evaluate(module, validation, cfg, labels, device, autocast))
             with tempfile.TemporaryDirectory() as tmp:
