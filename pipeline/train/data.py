@@ -168,9 +168,9 @@ def resolve_labels(
 ) -> list[str]:
     """The model's label list (order = ids); for NER the BIO tags.
 
-    Order of preference: ``labels`` from the config; the base model's own head labels when they
-    cover everything in the data (so its trained head is kept); otherwise the data's labels, sorted
-    (sentiment in negative/neutral/positive order).
+    Order of preference: ``labels`` from the config; the base model's head labels (``base_labels``,
+    already normalised for sentiment) when they cover everything in the data, so its trained head is
+    kept; otherwise the data's labels, sorted (sentiment in negative/neutral/positive order).
     """
     is_ner = cfg.kind == TaskKind.ner
     if cfg.labels is not None:
@@ -182,9 +182,8 @@ def resolve_labels(
         _check_known(cfg, rows, labels)
         return labels
     seen = set().union(*(_types(target, is_ner) for data in rows for target in data.targets))
-    if base_labels and cfg.kind == TaskKind.sentiment:
-        normalised = [normalise_sentiment(label) for label in base_labels]
-        base_labels = None if None in normalised else normalised
+    if is_ner and not seen:
+        raise ConfigError("data.paths: the data has no entities; set labels to train on all-O rows")
     if base_labels and seen <= _known(base_labels, is_ner) and (not is_ner or _bio_pairs_ok(base_labels)):
         return list(base_labels)
     if is_ner:

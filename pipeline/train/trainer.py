@@ -75,6 +75,8 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict[
     emit = progress or (lambda event: None)
     output_dir = _check_output_dir(cfg)
     base = _resolve_base_model(cfg)
+    if base == str(output_dir):
+        raise ConfigError("output_dir: must differ from base_model (workers read it while training)")
     base_config = _load_base_config(cfg, base)
     tokenizer = _load_tokenizer(cfg, base)
     has_head, base_labels = _head_labels(base_config, cfg.kind)
