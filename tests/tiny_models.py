@@ -30,11 +30,8 @@ def shipped_encoder_dir() -> Path:
 
 
 def tiny_tokenizer(model_max_length: int = 512) -> BertTokenizerFast:
-    return BertTokenizerFast(
-        vocab_file=str(shipped_encoder_dir() / "vocab.txt"),
-        do_lower_case=True,
-        model_max_length=model_max_length,
-    )
+    # transformers 5 ignores ``vocab_file=`` in the constructor (leaving a 5-token vocab); load the folder.
+    return BertTokenizerFast.from_pretrained(shipped_encoder_dir(), model_max_length=model_max_length)
 
 
 def _config(labels: list[str], seed: int, **overrides) -> BertConfig:

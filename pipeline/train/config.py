@@ -1,0 +1,136 @@
+"""The fine-tune config: YAML validated by pydantic, same conventions as the job config.
+
+Schema (defaults shown)::
+
+    kind: classification            # classification | sentiment | ner
+    base_model: PATH_OR_HUB_ID      # any BERT-family checkpoint; a bare encoder gets a new head
+    data:
+      paths: [train.jsonl]          # files, folders or globs; Parquet or JSONL
+      format: auto                  # auto (by extension) | parquet | jsonl
+      text_column: text
+      label_column: label           # classification / sentiment
+      entities_column: entities     # ner: list of {start, end, label} character spans
+      validation_paths: []          # a fixed validation set instead of validation_fraction
+    labels: null                    # label list, order = ids; ner: entity types or full BIO tags
+    output_dir: models/sentiment
+    overwrite: false                # replace an existing non-empty output_dir
+    validation_fraction: 0.1
+    seed: 0
+    epochs: 3
+    batch_size: 32                  # rows per worker per step (global batch = batch_size * num_workers)
+    learning_rate: 5e-5
+    weight_decay: 0.01
+    warmup_ratio: 0.1
+    max_length: 128
+    max_steps: null                 # stop after this many optimizer steps (quick runs, tests)
+    dtype: auto                     # auto | float32 | bfloat16 (autocast; optimizer stays fp32)
+    trust_remote_code: false
+    allow_pickle: false             # refuse .bin-only weights unless allowed
+    runtime:
+      address: null                 # Ray address; null starts a local Ray if none is running
+      num_workers: 1
+      use_gpu: false
+      cpus_per_worker: 2            # also the torch thread count of each worker
+      storage_path: null            # Ray Train checkpoints; default: hidden folder beside output_dir
+                                    # (must be shared storage on a multi-node cluster)
+
+``kind: sentiment`` is classification whose labels are normalised to lowercase
+positive / negative / neutral, so the folder plugs into a sentiment task without a label map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+
+from pipeline.config import ConfigError, InputFormat, TaskKind, _Strict, format_validation_error, read_yaml
+
+SENTIMENT_LABELS = ("negative", "neutral", "positive")
+_SENTIMENT_ALIASES = {"pos": "positive", "neg": "negative", "neu": "neutral"}
+
+
+def normalise_sentiment(label: str) -> str | None:
+    """Map a sentiment label to positive/negative/neutral (case-insensitive); None if it is none of them."""
+    key = label.strip().lower()
+    key = _SENTIMENT_ALIASES.get(key, key)
+    return key if key in SENTIMENT_LABELS else None
+
+
+class FinetuneData(_Strict):
+    paths: list[str] = Field(min_length=1)
+    format: InputFormat = InputFormat.auto
+    text_column: str = "text"
+    label_column: str = "label"
+    entities_column: str = "entities"
+    validation_paths: list[str] = Field(default_factory=list)
+
+    @field_validator("paths", "validation_paths", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class FinetuneRuntime(_Strict):
+    address: str | None = None
+    num_workers: int = Field(default=1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(default=2, ge=1)
+    storage_path: str | None = None
+
+
+class FinetuneConfig(_Strict):
+    kind: TaskKind
+    base_model: str
+    data: FinetuneData
+    labels: list[str] | None = Field(default=None, min_length=1)
+    output_dir: str
+    overwrite: bool = False
+    validation_fraction: float = Field(default=0.1, gt=0, lt=1)
+    seed: int = 0
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    max_length: int = Field(default=128, ge=8)
+    max_steps: int | None = Field(default=None, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    runtime: FinetuneRuntime = Field(default_factory=FinetuneRuntime)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_fit_the_kind(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is None:
+            return value
+        if any(not label.strip() for label in value):
+            raise ValueError("labels must be non-empty strings")
+        kind = info.data.get("kind")
+        if kind == TaskKind.sentiment:
+            bad = [label for label in value if normalise_sentiment(label) is None]
+            if bad:
+                raise ValueError(f"sentiment labels must be positive/negative/neutral, got {', '.join(bad)}")
+            value = [normalise_sentiment(label) for label in value]
+        dupes = sorted({label for label in value if value.count(label) > 1})
+        if dupes:
+            raise ValueError(f"labels must be unique, repeated: {', '.join(dupes)}")
+        if kind != TaskKind.ner and len(value) < 2:
+            raise ValueError("a classifier needs at least 2 labels")
+        return value
+
+    @property
+    def score_metric(self) -> str:
+        """The validation metric that picks the best epoch."""
+        return "val_entity_f1" if self.kind == TaskKind.ner else "val_macro_f1"
+
+
+def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Read and validate a fine-tune YAML; every problem is one ConfigError line naming the key."""
+    raw = read_yaml(path, overrides)
+    try:
+        return FinetuneConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from exc
