@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -80,6 +81,116 @@ def run(
         first = str(exc).splitlines()[0] if str(exc) else ""
         _fail(f"run failed: {type(exc).__name__}: {first}", code=1)
     print_summary(summary)
+
+
+@app.command()
+def finetune(config: str, set_: SetOption = None) -> None:
+    """Fine-tune a BERT classifier or tagger on labelled data (Ray Train); saves a folder `run` can use."""
+    from pipeline.train.config import load_finetune_config
+    from pipeline.train.trainer import run_finetune
+
+    _setup_logging(False)
+    try:
+        cfg = load_finetune_config(config, set_ or [])
+        with TrainingProgress() as progress:
+            result = run_finetune(cfg, progress=lambda event: progress.update(cfg.kind.value, event))
+    except ConfigError as exc:
+        _fail(str(exc))
+    out.print(
+        f"best {result['best_metric']} = {result['best_score']:.4f} (epoch {result['best_epoch']}); "
+        f"saved to {result['output_dir']}"
+    )
+
+
+@app.command()
+def demo(
+    workdir: Annotated[str, typer.Option(help="Where models, corpus and output go.")] = ".bertpipe",
+    quick: Annotated[bool, typer.Option(help="Few training steps and a small corpus (CI).")] = False,
+    rows: Annotated[int, typer.Option(help="Rows in the sample corpus.")] = 600,
+) -> None:
+    """Offline demo: fine-tune three demo models once (cached), then label a sample corpus with them."""
+    from pipeline.config import JobConfig
+    from pipeline.demo.run import job_config, train_models, write_corpus
+    from pipeline.runner import execute
+
+    _setup_logging(False)
+    root = Path(workdir).resolve()
+    out.print(f"[bold]bertpipe demo[/bold]: models and data under {root}")
+    try:
+        with TrainingProgress() as progress:
+            models = train_models(root, 40 if quick else None, progress.update)
+        n = write_corpus(root / "demo" / "corpus", 120 if quick else rows)
+        out.print(f"sample corpus: {n} rows in {root / 'demo' / 'corpus'}")
+        summary = execute(JobConfig.model_validate(job_config(root, models)))
+    except ConfigError as exc:
+        _fail(str(exc))
+    print_summary(summary)
+    print_examples(Path(summary["config"]["output"]["path"]))
+
+
+class TrainingProgress:
+    """A rich progress bar per model, fed by fine-tuning events (from a background thread)."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=out,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> TrainingProgress:
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.__exit__(*exc)
+
+    def update(self, name: str, event: dict) -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.bars.add_task(f"fine-tune {name}", total=None, status="preparing")
+        bar = self.tasks[name]
+        kind = event.get("event")
+        if kind == "cached":
+            self.bars.update(bar, total=1, completed=1, status=f"cached in {event['output_dir']}")
+        elif kind == "start":
+            self.bars.update(bar, total=event["total_steps"], status="training")
+        elif kind == "step":
+            self.bars.update(bar, completed=event["step"], status=f"loss {event['loss']:.3f}")
+        elif kind == "epoch":
+            scores = {
+                k: v for k, v in event.items() if k.startswith("val_") and k.endswith(("f1", "accuracy"))
+            }
+            text = " ".join(f"{k[4:]}={v:.3f}" for k, v in scores.items())
+            self.bars.update(bar, status=f"epoch {event['epoch']}: {text}")
+        elif kind == "saved":
+            total = self.bars.tasks[bar].total
+            self.bars.update(bar, completed=total, status=f"saved to {event['output_dir']}")
+
+
+def print_examples(output: Path, limit: int = 5) -> None:
+    """A few labelled rows, short texts first, so a person can judge the labels at a glance."""
+    import pyarrow.dataset as pads
+
+    rows = pads.dataset(str(output), partitioning="hive").to_table().to_pylist()
+    rows = sorted((r for r in rows if r["_error"] is None), key=lambda r: len(r["text"]))
+    table = Table(title="examples")
+    for column in ("text", "topic", "sentiment", "entities"):
+        table.add_column(column)
+    for row in rows[:: max(1, len(rows) // limit)][:limit]:
+        entities = ", ".join(f"{e['word']} ({e['entity_group']})" for e in row["entities"] or [])
+        table.add_row(
+            row["text"][:140],
+            f"{row['topic_label']} {row['topic_score']:.2f}",
+            f"{row['sentiment_label']} {row['sentiment_score']:.2f}",
+            entities,
+        )
+    out.print(table)
 
 
 def print_summary(summary: dict) -> None:

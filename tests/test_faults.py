@@ -73,10 +73,13 @@ def _wait_for(predicate, timeout: float, what: str):
 
 
 def _infer_actor() -> psutil.Process | None:
-    for proc in psutil.process_iter(["cmdline", "name"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "MapBatches(InferStage)" in cmd or "MapBatches(InferStage)" in (proc.info["name"] or ""):
-            return proc
+    """The model actor of this test session's Ray (its raylet is our child; other Rays may run here)."""
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "MapBatches(InferStage)" in " ".join(proc.cmdline()) or "InferStage" in proc.name():
+                return proc
+        except psutil.Error:
+            continue
     return None
 
 
@@ -85,7 +88,7 @@ def test_killed_model_actor_is_restarted_and_its_batches_redone(
 ):
     out = tmp_path / "out"
     errors: list[BaseException] = []
-    run = threading.Thread(target=lambda: _capture(errors, execute, _config(fault_corpus[0], out, models)))
+    run = threading.Thread(target=_capture, args=(errors, execute, _config(fault_corpus[0], out, models)))
     run.start()
     victim = _wait_for(
         lambda: _infer_actor() if _staged_files(out) >= 2 else None, 240, "model actor at work"

