@@ -141,6 +141,7 @@ def publish(
             raise
         old_runs = posixpath.join(old, RUNS)
         if fs.exists(old_runs):
+            fs.makedirs(posixpath.join(location.path, RUNS), exist_ok=True)
             for past in fs.ls(old_runs):  # the history of runs outlives the data it described
                 fs.mv(past, posixpath.join(location.path, RUNS, posixpath.basename(past)))
         if fs.exists(old):
