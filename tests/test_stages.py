@@ -1,0 +1,137 @@
+"""The stages as plain classes (no Ray): token-budget batching, long-text pooling, precision checks,
+GPU out-of-memory splitting. References are computed independently with HF models called directly."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import make_texts
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from pipeline import columns as C
+from pipeline.config import RuntimeConfig, TaskConfig
+from pipeline.models.loading import inspect_model
+from pipeline.stages.infer import InferStage, ModelTask, plan_batches
+from pipeline.stages.postprocess import PostprocessStage
+from pipeline.stages.prepare import PrepareStage, TokenizerGroup
+
+
+def test_plan_batches_respects_the_budget_and_covers_every_row():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 512, size=1000)
+    batches = plan_batches(lengths, max_tokens=4096, max_rows=64, descending=False)
+    seen = np.concatenate(batches)
+    assert sorted(seen.tolist()) == list(range(1000))
+    for batch in batches:
+        assert len(batch) <= 64
+        assert len(batch) == 1 or lengths[batch].max() * len(batch) <= 4096
+    padded = sum(lengths[b].max() * len(b) for b in batches)
+    fixed = sum(lengths[i : i + 32].max() * len(lengths[i : i + 32]) for i in range(0, 1000, 32))
+    assert padded / lengths.sum() < 1.05 < fixed / lengths.sum(), "sorting should remove most padding"
+    descending = plan_batches(lengths, 4096, 64, descending=True)
+    assert lengths[descending[0]].max() == lengths.max(), "large-first on GPU: the peak comes first"
+
+
+def test_a_sequence_longer_than_the_budget_gets_its_own_batch():
+    assert [b.tolist() for b in plan_batches(np.array([5, 900, 6]), 512, 8, descending=False)] == [
+        [0, 2],
+        [1],
+    ]
+
+
+def _task(name, kind, model, **extra) -> ModelTask:
+    task = TaskConfig(name=name, kind=kind, model=str(model), **extra)
+    info = inspect_model(task)
+    return ModelTask(task, info, info.tokenizer_key)
+
+
+def _run_stages(model_tasks, texts, runtime: RuntimeConfig) -> pa.Table:
+    groups = [
+        TokenizerGroup(
+            mt.group,
+            mt.info.source,
+            None,
+            False,
+            all_windows=any(m.task.long_text == "chunk" or m.task.kind.value == "ner" for m in model_tasks),
+            offsets=any(m.task.kind.value == "ner" for m in model_tasks),
+        )
+        for mt in model_tasks[:1]
+    ]
+    table = pa.table({"text": texts, C.ERROR: pa.nulls(len(texts), pa.string())})
+    table = PrepareStage("text", groups, runtime.max_length, runtime.window_stride, None)(table)
+    table = InferStage(model_tasks, runtime, "cpu")(table)
+    return PostprocessStage(model_tasks, "text")(table)
+
+
+def test_long_text_chunk_pools_window_scores(models):
+    """Reference: the same windows run one by one through the HF model, softmax, then mean/max."""
+    runtime = RuntimeConfig(dtype="float32", max_length=64, stride=16)
+    texts = make_texts(12, seed=3, max_words=300)
+    tasks = [
+        _task("mean", "classification", models["topic"], long_text="chunk"),
+        _task("best", "classification", models["topic"], long_text="chunk", chunk_pooling="max"),
+    ]
+    out = _run_stages(tasks, texts, runtime)
+    tok = AutoTokenizer.from_pretrained(models["topic"])
+    model = AutoModelForSequenceClassification.from_pretrained(models["topic"]).eval()
+    for i, text in enumerate(texts):
+        enc = tok(text, truncation=True, max_length=64, stride=16, return_overflowing_tokens=True)
+        with torch.no_grad():
+            probs = np.stack(
+                [
+                    torch.softmax(model(input_ids=torch.tensor([ids])).logits[0], -1).numpy()
+                    for ids in enc["input_ids"]
+                ]
+            )
+        for name, pooled in (("mean", probs.mean(0)), ("best", probs.max(0))):
+            assert out.column(C.label(name))[i].as_py() == model.config.id2label[int(pooled.argmax())]
+            assert out.column(C.score(name))[i].as_py() == pytest.approx(float(pooled.max()), abs=1e-4)
+    assert any(len(tok(t)["input_ids"]) > 64 for t in texts), "some texts must need several windows"
+
+
+def test_bf16_check_compares_with_fp32_and_logs(models, caplog):
+    runtime = RuntimeConfig(dtype="bfloat16", max_length=128, precision_check_rows=8)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        out = _run_stages(
+            [_task("topic", "classification", models["topic"])], make_texts(10, seed=4), runtime
+        )
+    assert any("bfloat16 labels" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
+    assert out.column(C.label("topic")).null_count == 0
+
+
+def test_int8_quantisation_runs_and_is_checked(models, caplog):
+    runtime = RuntimeConfig(dtype="float32", quantize="int8", max_length=128, precision_check_rows=8)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        out = _run_stages(
+            [_task("topic", "classification", models["topic"])], make_texts(10, seed=4), runtime
+        )
+    assert any("int8 labels" in r.getMessage() for r in caplog.records)
+    assert out.column(C.label("topic")).null_count == 0
+
+
+def test_out_of_memory_batch_is_split_and_budget_remembered(models, monkeypatch):
+    """A fake GPU that runs out of memory above 64 padded tokens: every row still gets its logits."""
+    stage = InferStage(
+        [_task("topic", "classification", models["topic"])],
+        RuntimeConfig(dtype="float32", max_tokens_per_batch=4096, precision_check_rows=0),
+        "cpu",
+    )
+    real_forward = stage._forward
+
+    def forward(model, pad_id, seqs, exact=False):
+        if max(len(s) for s in seqs) * len(seqs) > 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(model, pad_id, seqs, exact)
+
+    seqs = [np.arange(1, n + 1) % 1000 + 1000 for n in (10, 12, 14, 9, 11, 13, 10, 12)]
+    expected = [real_forward(stage.models["topic"], 0, [s])[0] for s in seqs]
+    monkeypatch.setattr(stage, "_forward", forward)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    got = stage.run_sequences("topic", seqs)
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+    assert stage.max_tokens < 4096
