@@ -69,6 +69,16 @@ def _ragged_windows(column: pa.ListArray, first_only: bool) -> tuple[list[np.nda
     return [flat[starts[w] : starts[w + 1]] for w in chosen], windows_per_row
 
 
+def default_threads(runtime: RuntimeConfig) -> int:
+    """Torch threads of a model actor: the machine's cores shared by the pool's actors.
+
+    Ray counts one logical CPU per actor so that the reader, tokeniser and writer can be scheduled, but
+    those stages mostly wait; a model actor limited to one thread would leave the other cores idle.
+    """
+    pool = runtime.actors if isinstance(runtime.actors, int) else runtime.actors[1]
+    return max(1, (os.cpu_count() or 1) // pool)
+
+
 def _assigned_resources() -> dict:
     """What Ray scheduled this actor with (logged, so GPU requests can be checked on any machine)."""
     try:
@@ -85,7 +95,7 @@ class InferStage:
 
         configure_worker_logging()
         self.torch = torch
-        threads = runtime.threads_per_actor or max(1, int(runtime.cpus_per_actor))
+        threads = runtime.threads_per_actor or default_threads(runtime)
         torch.set_num_threads(threads)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(runtime.dtype, self.device)
