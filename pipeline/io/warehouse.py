@@ -1,0 +1,430 @@
+"""Table outputs (``output.format: iceberg | delta``): the enriched rows as a table that DuckDB, Spark or
+Trino can query and join back to the source on the id column.
+
+Ray Data writes the data files from its workers and the driver commits them all at once at the end
+(its ``IcebergDatasink`` / ``DeltaDatasink``, the sinks behind ``Dataset.write_iceberg`` and
+``write_delta``). A run that fails leaves the table as it was: the files it had written are referenced
+by no snapshot or version, so no reader sees them (Iceberg's orphan-file removal or Delta's
+``vacuum`` deletes them). ``_CheckedSink`` puts a gate in front of that commit: it fits every block to
+the table schema and counts row keys, ids and errors on the way to the sink, and the driver runs the
+same checks as the Parquet path (each row key exactly once, duplicate ids) before anything commits.
+
+Modes: ``error`` appends to a table that must hold no rows (checked before the run and again just
+before the commit); ``append`` adds a snapshot / version; ``overwrite`` replaces all rows in one commit
+(Iceberg records it as a delete snapshot followed by an append snapshot, Delta as one version), so
+readers see the old rows until then and time travel keeps them. A table keeps its partition columns
+for life: they must equal ``output.partition_by``. New columns (a new task) are added as nullable
+columns (Iceberg commits that schema change as the write starts, Delta with the data); Delta's
+overwrite replaces the schema, Iceberg's keeps old columns (null in the new rows).
+
+Types: NER spans and top-k lists (``list<struct>``) are stored as nested types in both formats.
+Iceberg v2 has no null type and neither format stores nanoseconds, so an input column that is null
+in every file becomes a string column, nanosecond timestamps are truncated to microseconds, and
+dictionary-encoded columns are stored as their values.
+
+Iceberg tables live in the catalog of ``output.catalog`` (the keyword arguments of pyiceberg's
+``load_catalog``, plus ``name``); by default a SQLite catalog ``<output.path>/catalog.db`` with the
+data under ``<output.path>/warehouse``. Each snapshot carries the run id (``bertpipe.run_id``).
+A Delta table lives at ``output.path``; ``output.storage_options`` go to ``deltalake`` (its keys, e.g.
+``AWS_ENDPOINT_URL``) and ``output.table`` becomes the table's name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec.utils import get_protocol
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import Datasink, WriteResult
+
+from pipeline import columns as C
+from pipeline.config import ConfigError, OutputConfig
+from pipeline.io.paths import redact
+from pipeline.io.reader import TEXT_PROBLEM
+from pipeline.io.writer import WriteStats
+from pipeline.stages.postprocess import output_fields
+
+if TYPE_CHECKING:
+    from pipeline.runner import Plan
+
+TABLE_FORMATS = ("iceberg", "delta")
+DEFAULT_TABLE = "bertpipe.enriched"
+RUN_ID_PROPERTY = "bertpipe.run_id"
+_MODES = ("error", "overwrite", "append")
+
+
+@dataclass
+class TableWrite:
+    stats: WriteStats
+    info: dict[str, Any]  # format, table, mode and the snapshot id (Iceberg) or version (Delta) committed
+
+
+def check_target(output: OutputConfig) -> _Iceberg | _Delta:
+    """Pre-flight, before any model runs: the mode applies to tables, a table that exists is free for
+    ``error`` and partitioned by ``output.partition_by``."""
+    if output.mode.value not in _MODES:
+        raise ConfigError(
+            f"output.mode {output.mode.value} is not supported with output.format {output.format}; "
+            "use error, overwrite or append"
+        )
+    target = _Iceberg(output) if output.format == "iceberg" else _Delta(output)
+    existing = target.partition_columns()
+    if existing is None:
+        return target
+    if output.mode.value == "error" and target.has_data():
+        raise ConfigError(f"{target} already has data; set output.mode to overwrite or append")
+    if existing != list(output.partition_by):
+        raise ConfigError(
+            f"{target} is partitioned by {existing} but output.partition_by is {list(output.partition_by)}; "
+            "a table keeps its partitioning: use the same columns or write a new table"
+        )
+    return target
+
+
+def write_table(ds, p: Plan, run_id: str, verify: Callable[[WriteStats], None]) -> TableWrite:
+    """Write the final dataset of ``runner.build_dataset`` to the table in one commit.
+
+    ``verify`` runs on the driver with the counts of everything written, before the commit; whatever it
+    raises aborts the write and leaves the table untouched.
+    """
+    output = p.config.output
+    target = check_target(output)
+    schema = table_schema(p)
+    target.create(schema, output.partition_by)
+    mode = output.mode.value
+    id_column = p.derive_id or p.config.input.id_column
+
+    def before_commit(stats: WriteStats) -> None:
+        verify(stats)
+        if mode == "error" and target.has_data():
+            raise ConfigError(f"{target} got data from elsewhere during the run; not writing into it")
+
+    sink = _CheckedSink(
+        target.sink(mode, run_id),
+        schema,
+        id_column if id_column in schema.names else C.ROW_KEY,
+        target.files,
+        before_commit,
+    )
+    ds.write_datasink(sink)
+    if sink.stats.rows == 0 and mode == "overwrite":
+        target.clear(run_id)
+    return TableWrite(
+        sink.stats, {"format": output.format, "table": str(target), "mode": mode, **target.committed(run_id)}
+    )
+
+
+def table_schema(p: Plan) -> pa.Schema:
+    """The columns ``build_dataset`` produces, typed for the table: input columns (unified over the good
+    files), the derived id, ``_row_key``, ``_error``, the task outputs and ``_partition_original``.
+
+    Known up front so that a block in which a column happens to be null or missing, which is the
+    first block a sink sees often enough, cannot define the table."""
+    good = {s.url for s in p.good_shards}
+    inputs = pa.unify_schemas(
+        [r.schema for r in p.reports if r.shard.url in good and r.schema is not None],
+        promote_options="permissive",
+    )
+    text = p.config.input.text_column
+    fields = [
+        pa.field(f.name, pa.string() if f.name == text else _storable(f.type))
+        for f in inputs
+        if f.name != TEXT_PROBLEM
+    ]
+    if p.derive_id and p.derive_id not in inputs.names:
+        fields.append(pa.field(p.derive_id, pa.string()))
+    fields += [pa.field(C.ROW_KEY, pa.string()), pa.field(C.ERROR, pa.string())]
+    fields += output_fields(p.model_tasks)
+    if p.config.output.partition_by:
+        fields.append(pa.field(C.PARTITION_ORIGINAL, pa.string()))
+    return pa.schema(fields)
+
+
+def _storable(dtype: pa.DataType) -> pa.DataType:
+    if pa.types.is_null(dtype):
+        return pa.string()
+    if pa.types.is_dictionary(dtype):
+        return _storable(dtype.value_type)
+    if pa.types.is_timestamp(dtype) and dtype.unit == "ns":
+        return pa.timestamp("us", dtype.tz)
+    return dtype
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly the columns of ``schema``, in its order and types; missing ones are null."""
+    unknown = set(table.column_names) - set(schema.names)
+    if unknown:
+        raise ValueError(f"columns {sorted(unknown)} are not in the table schema")
+    columns = [
+        table.column(f.name).cast(f.type, safe=not pa.types.is_timestamp(f.type))
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+@dataclass
+class _Tally:
+    """What one write task wrote: rows, their keys and ids, and error counts."""
+
+    rows: int
+    keys: list[pa.ChunkedArray]
+    ids: list[pa.ChunkedArray]
+    errors: Counter
+
+
+@dataclass
+class _Written:
+    inner: Any  # what the wrapped sink's ``write`` returned
+    tally: _Tally
+
+
+class _CheckedSink(Datasink):
+    """Ray's table sink behind a gate: blocks are fitted to the table schema and counted on their way to
+    it; the counts are checked on the driver before the sink commits."""
+
+    def __init__(
+        self,
+        inner: Datasink,
+        schema: pa.Schema,
+        id_column: str,
+        files: Callable[[Any], int],
+        before_commit: Callable[[WriteStats], None],
+    ):
+        self.inner = inner
+        self.schema = schema
+        self.id_column = id_column
+        self.files = files
+        self.before_commit = before_commit
+        self.stats: WriteStats | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Write tasks get the schema and the wrapped sink; the check runs on the driver only."""
+        return {**self.__dict__, "before_commit": None}
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        self.inner.on_write_start(self.schema)  # the table's schema, not the first block's
+
+    def write(self, blocks: Iterable[Block], ctx) -> _Written:
+        tally = _Tally(0, [], [], Counter())
+
+        def fitted() -> Iterator[pa.Table]:
+            for block in blocks:
+                table = conform(BlockAccessor.for_block(block).to_arrow(), self.schema)
+                tally.rows += table.num_rows
+                tally.keys.append(table.column(C.ROW_KEY))
+                tally.ids.append(table.column(self.id_column))
+                tally.errors.update(r for r in table.column(C.ERROR).to_pylist() if r is not None)
+                yield table
+
+        return _Written(self.inner.write(fitted(), ctx), tally)
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        written = [w for w in write_result.write_returns if w is not None]
+        tallies = [w.tally for w in written]
+        rows = sum(t.rows for t in tallies)
+        keys = pa.chunked_array([c for t in tallies for k in t.keys for c in k.chunks], pa.string())
+        ids = pa.chunked_array(
+            [c for t in tallies for i in t.ids for c in i.chunks], self.schema.field(self.id_column).type
+        )
+        stats = WriteStats(
+            rows=rows,
+            distinct_keys=pc.count_distinct(keys).as_py(),
+            errors_by_reason=dict(sum((t.errors for t in tallies), Counter())),
+            files=sum(self.files(w.inner) for w in written),
+            duplicate_ids=rows - pc.count_distinct(ids, mode="all").as_py(),
+        )
+        self.before_commit(stats)
+        inner = [w.inner for w in written]
+        self.inner.on_write_complete(WriteResult(write_result.num_rows, write_result.size_bytes, inner))
+        self.stats = stats
+
+    def on_write_failed(self, error: Exception) -> None:
+        self.inner.on_write_failed(error)
+
+    def get_name(self) -> str:
+        return self.inner.get_name()
+
+    @property
+    def supports_distributed_writes(self) -> bool:
+        return self.inner.supports_distributed_writes
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.inner.min_rows_per_write
+
+    @property
+    def min_bytes_per_write(self) -> int | None:
+        return self.inner.min_bytes_per_write
+
+
+def _local_path(url: str) -> str | None:
+    """The absolute path of a local path or file:// URL; None for remote URLs."""
+    if get_protocol(url) not in ("file", "local"):
+        return None
+    return os.path.abspath(url.split("://", 1)[-1])
+
+
+def catalog_properties(output: OutputConfig) -> dict[str, Any]:
+    """``output.catalog`` (``name`` defaults to "default", as in Ray), or the local SQLite catalog."""
+    if output.catalog:
+        return {"name": "default", **output.catalog}
+    root = _local_path(output.path)
+    if root is None:
+        raise ConfigError(
+            "output.format iceberg: set output.catalog; the default SQLite catalog needs a local output.path"
+        )
+    # Named "bertpipe", not "default": pyiceberg merges ~/.pyiceberg.yaml settings of the same name.
+    return {
+        "name": "bertpipe",
+        "type": "sql",
+        "uri": f"sqlite:///{root}/catalog.db",
+        "warehouse": f"file://{root}/warehouse",
+    }
+
+
+class _Iceberg:
+    def __init__(self, output: OutputConfig):
+        self.identifier = output.table or DEFAULT_TABLE
+        if "." not in self.identifier:
+            raise ConfigError(f"output.table {self.identifier!r}: an Iceberg table is namespace.table")
+        self.catalog_kwargs = catalog_properties(output)
+        self.output = output
+
+    def __str__(self) -> str:
+        return f"Iceberg table {self.identifier}"
+
+    def catalog(self):
+        from pyiceberg.catalog import load_catalog
+
+        props = dict(self.catalog_kwargs)
+        name = props.pop("name")
+        if not self.output.catalog:  # SQLite creates the database file, not its folder
+            os.makedirs(_local_path(self.output.path), exist_ok=True)
+        try:
+            return load_catalog(name, **props)
+        except Exception as exc:
+            raise ConfigError(
+                f"output.catalog: cannot load Iceberg catalog {name!r}: {redact(str(exc))}"
+            ) from exc
+
+    def table(self):
+        catalog = self.catalog()
+        return catalog.load_table(self.identifier) if catalog.table_exists(self.identifier) else None
+
+    def partition_columns(self) -> list[str] | None:
+        table = self.table()
+        if table is None:
+            return None
+        schema = table.schema()
+        return [
+            schema.find_column_name(f.source_id)
+            if str(f.transform) == "identity"
+            else f"{f.transform}({f.name})"
+            for f in table.spec().fields
+        ]
+
+    def has_data(self) -> bool:
+        table = self.table()
+        snapshot = table.current_snapshot() if table is not None else None
+        return snapshot is not None and int(snapshot.summary["total-records"] or 0) > 0
+
+    def create(self, schema: pa.Schema, partition_by: list[str]) -> None:
+        """Create the table with identity partitions, in one catalog commit, unless it exists. A run that
+        then fails leaves it empty, which ``error`` mode accepts."""
+        catalog = self.catalog()
+        if catalog.table_exists(self.identifier):
+            return
+        catalog.create_namespace_if_not_exists(catalog.namespace_from(self.identifier))
+        with catalog.create_table_transaction(self.identifier, schema=schema) as txn:
+            if partition_by:
+                with txn.update_spec() as spec:
+                    for name in partition_by:
+                        spec.add_identity(name)
+
+    def sink(self, mode: str, run_id: str) -> Datasink:
+        from ray.data import SaveMode
+        from ray.data._internal.datasource.iceberg_datasink import IcebergDatasink
+
+        return IcebergDatasink(
+            self.identifier,
+            catalog_kwargs=self.catalog_kwargs,
+            snapshot_properties={RUN_ID_PROPERTY: run_id},
+            mode=SaveMode.OVERWRITE if mode == "overwrite" else SaveMode.APPEND,
+        )
+
+    @staticmethod
+    def files(written) -> int:
+        return len(written.data_files)
+
+    def clear(self, run_id: str) -> None:
+        """An overwrite with no rows still empties the table (Ray's sink skips the commit then)."""
+        from pyiceberg.expressions import AlwaysTrue
+
+        self.table().delete(AlwaysTrue(), snapshot_properties={RUN_ID_PROPERTY: run_id})
+
+    def committed(self, run_id: str) -> dict[str, Any]:
+        ours = [s for s in self.table().snapshots() if s.summary[RUN_ID_PROPERTY] == run_id]
+        return {"snapshot_id": ours[-1].snapshot_id if ours else None}
+
+
+class _Delta:
+    def __init__(self, output: OutputConfig):
+        if output.catalog:
+            raise ConfigError(
+                "output.catalog applies to output.format iceberg; a Delta table is at output.path"
+            )
+        self.uri = _local_path(output.path) or output.path
+        self.storage_options = output.storage_options or None
+        self.name = output.table
+        self.partition_by = list(output.partition_by)
+
+    def __str__(self) -> str:
+        return f"Delta table {redact(self.uri)}"
+
+    def table(self):
+        from deltalake import DeltaTable
+
+        if not DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
+            return None
+        return DeltaTable(self.uri, storage_options=self.storage_options)
+
+    def partition_columns(self) -> list[str] | None:
+        table = self.table()
+        return None if table is None else list(table.metadata().partition_columns)
+
+    def has_data(self) -> bool:
+        table = self.table()
+        return table is not None and bool(table.file_uris())
+
+    def create(self, schema: pa.Schema, partition_by: list[str]) -> None:
+        """Nothing to do: Ray's sink creates a new table with its first commit."""
+
+    def sink(self, mode: str, run_id: str) -> Datasink:
+        from ray.data import SaveMode
+        from ray.data._internal.datasource.delta_datasink import DeltaDatasink
+
+        return DeltaDatasink(
+            self.uri,
+            mode=SaveMode.OVERWRITE if mode == "overwrite" else SaveMode.APPEND,
+            partition_by=self.partition_by or None,
+            storage_options=self.storage_options,
+            name=self.name,
+        )
+
+    @staticmethod
+    def files(written) -> int:
+        return len(written.add_actions)
+
+    def clear(self, run_id: str) -> None:
+        """Nothing to do: Ray's sink commits an empty overwrite, which empties the table."""
+
+    def committed(self, run_id: str) -> dict[str, Any]:
+        return {"version": self.table().version()}
