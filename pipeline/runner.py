@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, JobConfig, RuntimeConfig, TaskKind
 from pipeline.io.paths import Shard, discover, redact, redact_options
 from pipeline.io.reader import ShardReport, inspect_shard
 from pipeline.io.state import Intent, Ledger, OutputLock, config_fingerprint
-from pipeline.io.writer import OutputLocation, arrow_filesystem, publish, staged_stats
+from pipeline.io.writer import OutputLocation, WriteStats, arrow_filesystem, publish, staged_stats
 from pipeline.models.loading import ModelInfo, inspect_model
 from pipeline.stages.infer import ModelTask
 from pipeline.stages.prepare import TokenizerGroup
@@ -295,6 +295,7 @@ def run_summary(p: Plan, run_id: str, started: float, stats, device: str) -> dic
     config["output"]["storage_options"] = redact_options(p.config.output.storage_options)
     config["input"]["paths"] = [redact(x) for x in p.config.input.paths]
     config["output"]["path"] = redact(p.config.output.path)
+    config["output"]["catalog"] = redact_options(p.config.output.catalog)
     return {
         "run_id": run_id,
         "bertpipe_version": __version__,
@@ -370,6 +371,8 @@ def _checkpointing(location: OutputLocation):
 
 def execute(config: JobConfig) -> dict[str, Any]:
     """Run the job; returns the run summary. Raises ConfigError for user errors (nothing written)."""
+    if config.output.format != "parquet":
+        return execute_table(config)
     started = time.time()
     run_id = new_run_id()
     location = OutputLocation.from_url(config.output.path, config.output.storage_options)
@@ -422,20 +425,7 @@ def _run_and_publish(
         mode=SaveMode.APPEND,
     )
     stats = staged_stats(location, p.derive_id or config.input.id_column)
-    if stats.duplicate_ids and config.input.on_duplicate_id == "fail":
-        raise ConfigError(
-            f"{stats.duplicate_ids} duplicate ids in input.id_column "
-            f"{config.input.id_column!r} (input.on_duplicate_id: fail); the output was not published"
-        )
-    if stats.duplicate_ids:
-        log.warning(
-            "%d duplicate ids in the input; all rows kept (input.on_duplicate_id: keep)", stats.duplicate_ids
-        )
-    if stats.rows != p.rows_in or stats.distinct_keys != stats.rows:
-        raise RuntimeError(
-            f"row count check failed: {p.rows_in} rows in, {stats.rows} rows written, "
-            f"{stats.distinct_keys} distinct row keys; the output was not published"
-        )
+    verify_counts(p, stats)
     summary = run_summary(p, run_id, started, stats, device)
     Intent.remove(location)
     publish(
@@ -446,6 +436,40 @@ def _run_and_publish(
         before_success=(lambda: _record_ledger(ledger, p, location, run_id)) if ledger else None,
     )
     location.fs.rm(location.checkpoint, recursive=True)
+    return summary
+
+
+def verify_counts(p: Plan, stats: WriteStats) -> None:
+    """Nothing is published unless every row read was written once (and duplicate ids are allowed)."""
+    if stats.duplicate_ids and p.config.input.on_duplicate_id == "fail":
+        raise ConfigError(
+            f"{stats.duplicate_ids} duplicate ids in input.id_column "
+            f"{p.config.input.id_column!r} (input.on_duplicate_id: fail); the output was not published"
+        )
+    if stats.duplicate_ids:
+        log.warning(
+            "%d duplicate ids in the input; all rows kept (input.on_duplicate_id: keep)", stats.duplicate_ids
+        )
+    if stats.rows != p.rows_in or stats.distinct_keys != stats.rows:
+        raise RuntimeError(
+            f"row count check failed: {p.rows_in} rows in, {stats.rows} rows written, "
+            f"{stats.distinct_keys} distinct row keys; the output was not published"
+        )
+
+
+def execute_table(config: JobConfig) -> dict[str, Any]:
+    """Iceberg / Delta output: the table format's own commit replaces staging and publish."""
+    from pipeline.io.warehouse import check_target, write_table
+
+    started = time.time()
+    run_id = new_run_id()
+    check_target(config.output)
+    p = plan(config, inspect_on_ray(config) if config.runtime.address else inspect_locally(config))
+    init_ray(config.runtime)
+    device = resolve_device(config.runtime.device)
+    written = write_table(build_dataset(p, device), p, run_id, verify=lambda stats: verify_counts(p, stats))
+    summary = run_summary(p, run_id, started, written.stats, device)
+    summary["table"] = written.info
     return summary
 
 

@@ -16,7 +16,7 @@ from transformers import pipeline as hf_pipeline
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.io.warehouse import check_target, conform, table_schema, write_table
-from pipeline.runner import build_dataset, inspect_locally, plan
+from pipeline.runner import build_dataset, execute, inspect_locally, plan, verify_counts
 from pipeline.tasks.sentiment import _auto_label
 
 pytestmark = pytest.mark.slow
@@ -42,20 +42,10 @@ def job(small_corpus, models, out, fmt: str, mode: str = "error", **output) -> J
     return JobConfig.model_validate(cfg)
 
 
-def counts_match(p):
-    """The runner's check before publishing: every input row written, each row key once."""
-
-    def verify(stats):
-        if stats.rows != p.rows_in or stats.distinct_keys != stats.rows:
-            raise RuntimeError(f"row count check failed: {p.rows_in} in, {stats.rows} written")
-
-    return verify
-
-
 def write(cfg: JobConfig, run_id: str, ds=None, verify=None):
     p = plan(cfg, inspect_locally(cfg))
     ds = build_dataset(p, "cpu") if ds is None else ds
-    return p, write_table(ds, p, run_id, verify or counts_match(p))
+    return p, write_table(ds, p, run_id, verify or (lambda stats: verify_counts(p, stats)))
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +311,14 @@ def test_error_mode_checks_again_before_the_commit(fmt, small_corpus, models, ma
     with pytest.raises(ConfigError, match="got data from elsewhere during the run"):
         write_table(materialized, p, "run-1", another_writer)
     assert _snapshot(fmt, out)[2].num_rows == other.num_rows
+
+
+def test_run_writes_a_delta_table_end_to_end(ray_session, small_corpus, models, expected, tmp_path):
+    """``bertpipe run`` with ``output.format: delta``: the runner's own path, summary included."""
+    from deltalake import DeltaTable
+
+    out = tmp_path / "delta-run"
+    summary = execute(job(small_corpus, models, out, "delta", table="enriched"))
+    assert summary["rows_in"] == summary["rows_out"] == len(small_corpus[1])
+    assert summary["table"]["format"] == "delta" and summary["table"]["version"] == 0
+    check_rows(DeltaTable(str(out)).to_pyarrow_table(), small_corpus[1], expected)

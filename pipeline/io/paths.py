@@ -16,7 +16,7 @@ from pipeline.config import ConfigError, InputFormat
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz")
-_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|credential|key_id|access_key|session)", re.I)
+_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|credential|key[_-]id|access[_-]key|session)", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 
 
