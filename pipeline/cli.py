@@ -109,13 +109,14 @@ def demo(
     rows: Annotated[int, typer.Option(help="Rows in the sample corpus.")] = 600,
 ) -> None:
     """Offline demo: fine-tune three demo models once (cached), then label a sample corpus with them."""
-    from pipeline.config import JobConfig
+    from pipeline.config import JobConfig, RuntimeConfig
     from pipeline.demo.run import job_config, train_models, write_corpus
-    from pipeline.runner import execute
+    from pipeline.runner import execute, init_ray
 
     _setup_logging(False)
     root = Path(workdir).resolve()
     out.print(f"[bold]bertpipe demo[/bold]: models and data under {root}")
+    init_ray(RuntimeConfig())  # one Ray for the three fine-tunes and the run
     try:
         with TrainingProgress() as progress:
             models = train_models(root, 40 if quick else None, progress.update)

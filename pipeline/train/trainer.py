@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -208,12 +209,13 @@ def _ray_session(cfg: FinetuneConfig) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    if cfg.runtime.address:
-        ray.init(address=cfg.runtime.address)
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")  # Ray Jobs set RAY_ADDRESS
+    if address:
+        ray.init(address=address)
     else:  # "local" never joins a stale cluster recorded in /tmp/ray
         ray.init(address="local", include_dashboard=False)
     try:
-        if not cfg.runtime.address:
+        if not address:
             _check_local_resources(cfg)
         yield
     finally:
