@@ -3,18 +3,20 @@
 Why a datasource of our own (a ``FileBasedDatasource`` subclass, which only implements how one file is
 read): each row needs its row number within its file for the stable ``_row_key``; Parquet and JSONL
 shards become one dataset of Arrow blocks (a union of ``read_json`` pandas blocks with ``read_parquet``
-Arrow blocks breaks ``map_batches``); and a text column of the wrong type must become error rows
-instead of failing the whole block.
+Arrow blocks breaks ``map_batches``); and a text of the wrong type or not valid UTF-8 must become an
+error row instead of failing the whole block or file.
 
 The pre-flight check (``inspect_shard``) reads Parquet footers and parses JSONL files fully, so a
 malformed line, a truncated file or a schema that differs between shards is found before any model
-runs, with exact row counts for the run summary. It costs one extra read of JSONL inputs.
+runs, with exact row counts for the run summary. It costs one extra read of JSONL inputs. A Parquet
+data page that is corrupt behind an intact footer is found only when the file is read (``_blocks``).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,7 +26,8 @@ import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline import columns as C
-from pipeline.io.paths import Shard
+from pipeline.config import ConfigError
+from pipeline.io.paths import Shard, redact
 
 
 @dataclass
@@ -41,23 +44,30 @@ def _open(fs, shard: Shard):
     return fs.open(shard.path, "rb", compression=compression)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # what surrogateescape makes of bytes that are not UTF-8
 TEXT_PROBLEM = "__text_problem"  # set by the JSONL fallback for text values that were not strings
 
 
 def _parse_jsonl(data: bytes, text_column: str) -> pa.Table:
-    """Fast path with Arrow's JSON reader; files with mixed-type columns fall back to Python."""
+    """Fast path with Arrow's JSON reader; files with mixed-type columns or invalid UTF-8 fall back to Python.
+
+    Arrow rejects a whole file for one undecodable byte or one lone surrogate escape (``"\\ud800"``), so
+    the fallback decodes each line with ``surrogateescape``: such a text becomes an error row (``text is
+    not valid UTF-8``) and the rest of the file is kept; elsewhere in the row the bad characters become
+    U+FFFD, as ``bytes.decode(errors="replace")`` would do.
+    """
     if not data.strip():
         return pa.table({})
     try:
         return pajson.read_json(io.BytesIO(data))
-    except pa.ArrowInvalid:
+    except (pa.ArrowInvalid, UnicodeDecodeError):
         rows = []
         for number, line in enumerate(data.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                row = json.loads(line.decode("utf-8", "surrogateescape"))
+            except json.JSONDecodeError as exc:
                 raise ValueError(f"line {number}: malformed JSON ({exc.__class__.__name__})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"line {number}: not a JSON object") from None
@@ -72,15 +82,13 @@ def _table_from_mixed_rows(rows: list[dict], text_column: str) -> pa.Table:
     for name in names:
         values = [row.get(name) for row in rows]
         if name == text_column:
-            columns[name] = pa.array([v if isinstance(v, str) else None for v in values], pa.string())
-            columns[TEXT_PROBLEM] = pa.array(
-                [
-                    None if v is None or isinstance(v, str) else f"text is not a string ({_py_kind(v)})"
-                    for v in values
-                ],
-                pa.string(),
+            problems = [_json_text_problem(v) for v in values]
+            columns[name] = pa.array(
+                [v if p is None else None for v, p in zip(values, problems, strict=True)], pa.string()
             )
+            columns[TEXT_PROBLEM] = pa.array(problems, pa.string())
             continue
+        name, values = _replace_surrogates(name), [_replace_surrogates(v) for v in values]
         try:
             columns[name] = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -91,8 +99,35 @@ def _table_from_mixed_rows(rows: list[dict], text_column: str) -> pa.Table:
     return pa.table(columns)
 
 
+def _json_text_problem(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return f"text is not a string ({_py_kind(value)})"
+    return "text is not valid UTF-8" if _SURROGATE.search(value) else None
+
+
+def _replace_surrogates(value):
+    """Strings (also nested, also keys) with undecodable bytes or lone surrogates -> U+FFFD in their place."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in value.items()}
+    return value
+
+
 def _py_kind(value) -> str:
     return {int: "int", float: "float", bool: "bool", list: "list", dict: "dict"}.get(type(value), "value")
+
+
+READ_ERRORS = (OSError, ValueError, pa.ArrowException, EOFError)
+
+
+def _unreadable(shard: Shard, exc: Exception) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"unreadable {shard.format} file: {first}"
 
 
 def inspect_shard(fs, shard: Shard, text_column: str) -> ShardReport:
@@ -106,8 +141,8 @@ def inspect_shard(fs, shard: Shard, text_column: str) -> ShardReport:
             with _open(fs, shard) as fh:
                 table = _parse_jsonl(fh.read(), text_column)
             report.rows, report.schema = table.num_rows, table.schema
-    except (OSError, ValueError, pa.ArrowException, EOFError) as exc:
-        report.problem = f"unreadable {shard.format} file: {str(exc).splitlines()[0] if str(exc) else exc}"
+    except READ_ERRORS as exc:
+        report.problem = _unreadable(shard, exc)
         return report
     report.columns = [name for name in report.schema.names if name != TEXT_PROBLEM]
     if report.rows and text_column not in report.columns:
@@ -118,8 +153,15 @@ def inspect_shard(fs, shard: Shard, text_column: str) -> ShardReport:
 def _text_as_string(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | None]]:
     """The text column as Arrow strings, and a reason for each value that was not a string."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()  # a pandas categorical written to Parquet reads back so
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        return column.cast(pa.string()), [None] * len(column)
+        try:
+            column.validate(full=True)  # Parquet writers may store invalid UTF-8 in a string column
+        except pa.ArrowInvalid:
+            column = column.cast(pa.large_binary())  # decoded row by row below
+        else:
+            return column.cast(pa.string()), [None] * len(column)
     if pa.types.is_null(column.type):
         return pa.nulls(len(column), pa.string()), [None] * len(column)
     if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
@@ -187,18 +229,24 @@ class ShardDatasource(FileBasedDatasource):
             return filesystem.open_input_file(path)  # Parquet needs random access to its footer
         return super()._open_input_source(filesystem, path, **open_args)
 
+    def _blocks(self, f, shard: Shard) -> Iterator[pa.Table]:
+        """The file's rows in blocks. The pre-flight check reads only Parquet footers, so a corrupt data
+        page shows up here: it stops the run with a line naming the file, whatever ``on_bad_file`` says,
+        because rows of the file may already be on their way."""
+        try:
+            if shard.format == "parquet":
+                for batch in pq.ParquetFile(f).iter_batches(self._rows_per_block):
+                    yield pa.Table.from_batches([batch])
+            else:
+                table = _parse_jsonl(f.read(), self._text_column)
+                for i in range(0, table.num_rows, self._rows_per_block):
+                    yield table.slice(i, self._rows_per_block)
+        except READ_ERRORS as exc:
+            raise ConfigError(f"bad input file {redact(shard.url)}: {_unreadable(shard, exc)}") from exc
+
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         shard = self._by_path[path]
-        if shard.format == "parquet":
-            batches = (
-                pa.Table.from_batches([b]) for b in pq.ParquetFile(f).iter_batches(self._rows_per_block)
-            )
-        else:
-            table = _parse_jsonl(f.read(), self._text_column)
-            batches = (
-                table.slice(i, self._rows_per_block) for i in range(0, table.num_rows, self._rows_per_block)
-            )
         row = 0
-        for block in batches:
+        for block in self._blocks(f, shard):
             yield normalise_block(block, self._text_column, row, shard.url, self._derive_id)
             row += block.num_rows

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 WINDOWS = pa.list_(pa.list_(pa.int32()))
-WINDOWS_I8 = pa.list_(pa.list_(pa.int8()))
+_ENCODINGS = ("input_ids", "offset_mapping", "special_tokens_mask")
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,17 @@ class PrepareStage:
     def _tokenize_rows(
         self, group: TokenizerGroup, texts: list[str]
     ) -> tuple[dict, list[int], dict[int, str]]:
-        """Tokenise a batch; if it fails, tokenise row by row so only the failing rows are marked."""
-        try:
-            enc = self._tokenize(group, texts)
-            rows = enc["overflow_to_sample_mapping"] if group.all_windows else list(range(len(texts)))
-            return enc, list(rows), {}
-        except Exception:  # noqa: BLE001 - isolated below, row by row
-            log.warning("tokenizer failed on a batch; retrying row by row to isolate the bad rows")
-        merged: dict[str, list] = {}
+        """Tokenise a batch; if it fails, tokenise row by row so only the failing rows are marked.
+
+        A batch without texts (every row bad) or whose every row fails gives empty encodings."""
+        if texts:
+            try:
+                enc = self._tokenize(group, texts)
+                rows = enc["overflow_to_sample_mapping"] if group.all_windows else list(range(len(texts)))
+                return enc, list(rows), {}
+            except Exception:  # noqa: BLE001 - isolated below, row by row
+                log.warning("tokenizer failed on a batch; retrying row by row to isolate the bad rows")
+        merged: dict[str, list] = {key: [] for key in _ENCODINGS}
         rows: list[int] = []
         failures: dict[int, str] = {}
         for i, text in enumerate(texts):
@@ -121,11 +124,10 @@ class PrepareStage:
             except Exception as exc:  # noqa: BLE001
                 failures[i] = f"tokenizer failed: {type(exc).__name__}"
                 continue
-            n = len(enc["input_ids"])
-            for key in ("input_ids", "offset_mapping", "special_tokens_mask"):
+            for key in _ENCODINGS:
                 if key in enc:
-                    merged.setdefault(key, []).extend(enc[key])
-            rows.extend([i] * n)
+                    merged[key].extend(enc[key])
+            rows.extend([i] * len(enc["input_ids"]))
         return merged, rows, failures
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -143,7 +145,7 @@ class PrepareStage:
             for sub_row, reason in failures.items():
                 errors[good[sub_row]] = errors[good[sub_row]] or reason
             rows = np.asarray([good[r] for r in sub_rows], dtype=np.int64)
-            new_columns[C.token_ids(group.key)] = _windows(enc.get("input_ids", []), rows, n_rows, pa.int32())
+            new_columns[C.token_ids(group.key)] = _windows(enc["input_ids"], rows, n_rows, pa.int32())
             if group.offsets:
                 flat_offsets = [np.asarray(o, np.int32).reshape(-1).tolist() for o in enc["offset_mapping"]]
                 new_columns[C.token_offsets(group.key)] = _windows(flat_offsets, rows, n_rows, pa.int32())
