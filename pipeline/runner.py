@@ -12,9 +12,14 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+import pyarrow as pa
 
 from pipeline import __version__
 from pipeline import columns as C
@@ -101,17 +106,21 @@ def check_shards(config: JobConfig, shards: list[Shard], inspect) -> tuple[list[
     """Apply ``input.on_bad_file`` to unreadable files, files without the text column and schema drift."""
     reports = inspect(shards)
     bad = {r.shard.url: r.problem for r in reports if r.problem}
-    reference: dict[str, Any] = {}
-    for report in reports:
-        if report.problem or report.schema is None:
-            continue
+    readable = [r for r in reports if not r.problem and r.schema is not None]
+    # The type most files agree on is the reference, so one odd file is the one flagged.
+    votes: dict[str, Counter] = {}
+    for report in readable:
         for f in report.schema:
-            if f.name == config.input.text_column or str(f.type) == "null":
+            if f.name != config.input.text_column and not pa.types.is_null(f.type):
+                votes.setdefault(f.name, Counter())[_value_type(f.type)] += 1
+    for report in readable:
+        for f in report.schema:
+            if f.name not in votes or pa.types.is_null(f.type):
                 continue
-            seen = reference.setdefault(f.name, (f.type, report.shard.url))
-            if seen[0] != f.type:
+            expected = votes[f.name].most_common(1)[0][0]
+            if _value_type(f.type) != expected:
                 bad[report.shard.url] = (
-                    f"schema differs: column {f.name!r} is {f.type} here but {seen[0]} in {seen[1]}"
+                    f"schema differs: column {f.name!r} is {f.type} here, {expected} elsewhere"
                 )
     if bad and config.input.on_bad_file == "fail":
         url, problem = next(iter(bad.items()))
@@ -125,6 +134,11 @@ def check_shards(config: JobConfig, shards: list[Shard], inspect) -> tuple[list[
     if len(skipped) == len(reports):
         raise ConfigError("every input file is bad; nothing to do")
     return reports, skipped
+
+
+def _value_type(dtype: pa.DataType) -> pa.DataType:
+    """Dictionary-encoded (categorical) columns compare as their values."""
+    return dtype.value_type if pa.types.is_dictionary(dtype) else dtype
 
 
 def resolve_id_column(config: JobConfig, reports: list[ShardReport], skipped: list[dict]) -> str | None:
@@ -418,12 +432,13 @@ def _run_and_publish(
     device = resolve_device(config.runtime.device)
     ray.data.DataContext.get_current().checkpoint_config = _checkpointing(location)
     ds = build_dataset(p, device)
-    ds.write_parquet(
-        location.staging,
-        filesystem=arrow_filesystem(location.fs),
-        partition_cols=config.output.partition_by or None,
-        mode=SaveMode.APPEND,
-    )
+    with unwrapped_config_errors():
+        ds.write_parquet(
+            location.staging,
+            filesystem=arrow_filesystem(location.fs),
+            partition_cols=config.output.partition_by or None,
+            mode=SaveMode.APPEND,
+        )
     stats = staged_stats(location, p.derive_id or config.input.id_column)
     verify_counts(p, stats)
     summary = run_summary(p, run_id, started, stats, device)
@@ -437,6 +452,16 @@ def _run_and_publish(
     )
     location.fs.rm(location.checkpoint, recursive=True)
     return summary
+
+
+@contextmanager
+def unwrapped_config_errors() -> Iterator[None]:
+    """A ConfigError raised inside a Ray task (a corrupt Parquet page) comes back wrapped, with a
+    traceback and retry notes; the user gets the original one line."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(str(getattr(exc, "cause", exc)).splitlines()[0]) from exc
 
 
 def verify_counts(p: Plan, stats: WriteStats) -> None:
@@ -467,7 +492,10 @@ def execute_table(config: JobConfig) -> dict[str, Any]:
     p = plan(config, inspect_on_ray(config) if config.runtime.address else inspect_locally(config))
     init_ray(config.runtime)
     device = resolve_device(config.runtime.device)
-    written = write_table(build_dataset(p, device), p, run_id, verify=lambda stats: verify_counts(p, stats))
+    with unwrapped_config_errors():
+        written = write_table(
+            build_dataset(p, device), p, run_id, verify=lambda stats: verify_counts(p, stats)
+        )
     summary = run_summary(p, run_id, started, written.stats, device)
     summary["table"] = written.info
     return summary

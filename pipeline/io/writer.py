@@ -100,7 +100,7 @@ def staged_stats(location: OutputLocation, id_column: str) -> WriteStats:
             table = pq.read_table(fh, columns=list(dict.fromkeys([C.ROW_KEY, C.ERROR, id_column])))
         rows += table.num_rows
         keys.update(table.column(C.ROW_KEY).to_pylist())
-        ids.update(table.column(id_column).to_pylist())
+        ids.update(i for i in table.column(id_column).to_pylist() if i is not None)
         reasons.update(r for r in table.column(C.ERROR).to_pylist() if r is not None)
     duplicates = sum(n - 1 for n in ids.values() if n > 1)
     return WriteStats(rows, len(keys), dict(reasons), len(files), duplicates)

@@ -81,12 +81,9 @@ def default_threads(runtime: RuntimeConfig) -> int:
 
 def _assigned_resources() -> dict:
     """What Ray scheduled this actor with (logged, so GPU requests can be checked on any machine)."""
-    try:
-        import ray
+    import ray
 
-        return ray.get_runtime_context().get_assigned_resources()
-    except Exception:  # noqa: BLE001 - outside Ray (unit tests) there is nothing to report
-        return {}
+    return ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
 
 
 class InferStage:
