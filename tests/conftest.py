@@ -71,6 +71,7 @@ def make_texts(n: int, seed: int = 0, max_words: int = 600) -> list[str]:
         )
         for _ in range(n - 4)
     ]
+    lengths = lengths[:n]
     texts = []
     for length in lengths:
         words = []

@@ -133,5 +133,23 @@ def test_out_of_memory_batch_is_split_and_budget_remembered(models, monkeypatch)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     got = stage.run_sequences("topic", seqs)
     for g, e in zip(got, expected, strict=True):
-        np.testing.assert_allclose(g, e, atol=1e-5)
+        np.testing.assert_allclose(g, e, atol=1e-4)
     assert stage.max_tokens < 4096
+
+
+def test_a_span_failure_marks_only_its_row(models, monkeypatch):
+    from pipeline.tasks import ner
+
+    real = ner.NerPostprocess.row_entities
+
+    def fragile(self, text, windows):
+        if text.startswith("boom"):
+            raise RuntimeError("odd offsets")
+        return real(self, text, windows)
+
+    monkeypatch.setattr(ner.NerPostprocess, "row_entities", fragile)
+    texts = ["boom " + t for t in make_texts(1, seed=8)] + make_texts(5, seed=9)
+    out = _run_stages([_task("entities", "ner", models["ner"])], texts, RuntimeConfig(dtype="float32"))
+    assert out.column(C.ERROR).to_pylist() == ["entities spans failed: RuntimeError"] + [None] * 5
+    spans = out.column("entities").to_pylist()
+    assert spans[0] is None and all(s is not None for s in spans[1:])

@@ -51,6 +51,18 @@ class PostprocessStage:
                 )
             else:
                 outputs.update(processor(logits))
+        failures = {
+            row: reason
+            for p in self.processors.values()
+            for row, reason in getattr(p, "failures", {}).items()
+        }
+        if failures:
+            errors = table.column(C.ERROR).to_pylist()
+            for row, reason in failures.items():
+                errors[row] = errors[row] or reason
+            table = table.set_column(
+                table.schema.get_field_index(C.ERROR), C.ERROR, pa.array(errors, pa.string())
+            )
         keep = [name for name in table.column_names if not name.startswith(C.INTERNAL_PREFIX)]
         table = table.select(keep)
         for name, column in outputs.items():

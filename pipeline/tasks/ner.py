@@ -55,6 +55,7 @@ class NerPostprocess:
         self.num_labels = info.num_labels
         self.strategy = AggregationStrategy(task.aggregation.value)
         self.assembler = _SpanAssembler(tokenizer, info.id2label)
+        self.failures: dict[int, str] = {}  # row -> reason, for the batch being processed
 
     def row_entities(self, text: str, windows: list[dict]) -> list[dict]:
         with warnings.catch_warnings():
@@ -92,6 +93,7 @@ class NerPostprocess:
         ids_win_starts = ids.offsets.to_numpy()
 
         results = []
+        self.failures = {}
         for row, text in enumerate(texts):
             first, last = row_off[row], row_off[row + 1]
             if first == last:
@@ -111,5 +113,9 @@ class NerPostprocess:
                     }
                 )
             assert ids_win_starts[row] == first, "window lists of ids and logits are misaligned"
-            results.append(self.row_entities(text, windows))
+            try:
+                results.append(self.row_entities(text, windows))
+            except Exception as exc:  # noqa: BLE001 - one odd row must not fail the batch
+                results.append(None)
+                self.failures[row] = f"{self.task.name} spans failed: {type(exc).__name__}"
         return {self.task.name: pa.array(results, ENTITY_TYPE)}
