@@ -153,3 +153,33 @@ def test_a_span_failure_marks_only_its_row(models, monkeypatch):
     assert out.column(C.ERROR).to_pylist() == ["entities spans failed: RuntimeError"] + [None] * 5
     spans = out.column("entities").to_pylist()
     assert spans[0] is None and all(s is not None for s in spans[1:])
+
+
+def test_tasks_with_the_same_tokenizer_share_one_tokenisation(models, tmp_path):
+    from tiny_models import build_sequence_classifier
+
+    from pipeline.config import JobConfig
+    from pipeline.runner import plan_models
+
+    other = build_sequence_classifier(tmp_path / "other", ["a", "b"], model_max_length=64)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["bertpipezzz"])  # another vocabulary: tokenises differently
+    tokenizer.save_pretrained(other)
+    cfg = JobConfig.model_validate(
+        {
+            "input": {"paths": ["unused"]},
+            "output": {"path": "unused"},
+            "tasks": [
+                {"name": "topic", "kind": "classification", "model": str(models["topic"])},
+                {"name": "sentiment", "kind": "sentiment", "model": str(models["sentiment"])},
+                {"name": "entities", "kind": "ner", "model": str(models["ner"])},
+                {"name": "cased", "kind": "classification", "model": str(other)},
+            ],
+        }
+    )
+    _, model_tasks, groups = plan_models(cfg)
+    assert len(groups) == 2
+    shared = {mt.group for mt in model_tasks if mt.task.name != "cased"}
+    assert len(shared) == 1 and model_tasks[3].group not in shared
+    group = next(g for g in groups if g.key in shared)
+    assert group.all_windows and group.offsets, "NER in the group needs windows and offsets"
