@@ -16,7 +16,9 @@ from pipeline.config import ConfigError, InputFormat
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz")
-_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|credential|key[_-]id|access[_-]key|session)", re.I)
+# Option names that hold credentials: s3fs key/secret, adlfs account_key/connection_string, pyiceberg
+# s3.access-key-id/s3.secret-access-key, gcsfs token.
+_SECRET_KEYS = re.compile(r"(secret|token|password|passwd|credential|key|session|connection_string)", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 
 

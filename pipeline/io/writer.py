@@ -126,7 +126,8 @@ def publish(
             dst = posixpath.join(location.path, src[len(location.staging) + 1 :])
             fs.makedirs(posixpath.dirname(dst), exist_ok=True)
             fs.mv(src, dst)
-        fs.rm(location.staging, recursive=True)
+        if fs.exists(location.staging):  # on object stores moving the last file removed the folder
+            fs.rm(location.staging, recursive=True)
     else:
         old = location._sibling(f"old-{run_id}")
         if fs.exists(location.path):
@@ -161,7 +162,12 @@ def _rename_dir(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
         os.makedirs(posixpath.dirname(dst) or "/", exist_ok=True)
         os.replace(src, dst)  # one atomic rename on a local disk
     else:
-        fs.mv(src, dst, recursive=True)
+        # Folders are only key prefixes here: fsspec's recursive mv tries to copy the folder entries too
+        # and fails, so copy the files (concurrently, as lists) and delete them.
+        files = fs.find(src)
+        if files:
+            fs.copy(files, [posixpath.join(dst, f[len(src) + 1 :]) for f in files])
+            fs.rm(files)
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, payload: dict[str, Any]) -> None:
