@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pyarrow as pa
@@ -131,3 +133,12 @@ def base_config(input_dir: Path, output_dir: Path, models: dict[str, Path], **ru
         ],
         "runtime": {"dtype": "float32", "max_length": WINDOW, "stride": STRIDE, **runtime},
     }
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free TCP ports on 127.0.0.1 for servers a test starts (moto, a Ray cluster)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]

@@ -14,20 +14,18 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import urllib.error
 import urllib.request
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pyarrow.dataset as pads
 import pytest
-from conftest import STRIDE, WINDOW, make_texts, write_config, write_shards
+from conftest import STRIDE, WINDOW, free_ports, make_texts, write_config, write_shards
 from transformers import pipeline as hf_pipeline
 
 from pipeline.tasks.sentiment import _auto_label
@@ -37,14 +35,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
 INFER_ACTOR = "MapWorker(MapBatches(InferStage))"
-
-
-def free_ports(n: int) -> list[int]:
-    with ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 @dataclass(frozen=True)
@@ -64,9 +54,8 @@ class Cluster:
         out = self.ray("list", kind, "--address", self.dashboard, "--detail", "--format", "json")
         return json.loads(out.stdout)
 
-    def get(self, path: str, token: str | None = "ours") -> tuple[int, str]:
-        """GET from the dashboard with a bearer token (ours unless given, or none): status, body."""
-        token = self.token if token == "ours" else token
+    def get(self, path: str, token: str | None) -> tuple[int, str]:
+        """GET from the dashboard with this bearer token (or none): status and body."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         request = urllib.request.Request(self.dashboard + path, headers=headers)
         try:
@@ -156,9 +145,9 @@ def cluster():
 
 
 def test_token_auth_is_on(cluster):
-    assert cluster.get("/api/jobs/", token=None)[0] == 401
-    assert cluster.get("/api/jobs/", token=secrets.token_hex(32))[0] == 403
-    assert cluster.get("/api/jobs/")[0] == 200
+    assert cluster.get("/api/jobs/", None)[0] == 401
+    assert cluster.get("/api/jobs/", secrets.token_hex(32))[0] == 403
+    assert cluster.get("/api/jobs/", cluster.token)[0] == 200
 
 
 def test_job_imports_the_uploaded_checkout(cluster):
@@ -212,7 +201,7 @@ def test_job_runs_on_the_cluster(cluster, models, tmp_path):
     logs = proc.stdout + proc.stderr
     submission = re.search(r"Job '(raysubmit_\w+)' submitted", logs).group(1)
 
-    code, body = cluster.get(f"/api/jobs/{submission}")
+    code, body = cluster.get(f"/api/jobs/{submission}", cluster.token)
     job = json.loads(body)
     assert code == 200 and job["status"] == "SUCCEEDED"
 

@@ -1,5 +1,6 @@
 """Input and output on S3, against a moto server on 127.0.0.1: shards are read from a bucket, the
-partitioned output is staged and published there, and the secret key shows up in no log or summary."""
+partitioned output is staged and published there (also by resumed and incremental runs), and the
+secret key shows up in no log or run summary."""
 
 from __future__ import annotations
 
@@ -11,25 +12,22 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import boto3
+import psutil
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import STRIDE, WINDOW, make_texts, write_config, write_shards
+from conftest import STRIDE, WINDOW, free_ports, make_texts, write_config, write_shards
 
+from pipeline.io.paths import redact_options
 from pipeline.io.writer import OutputLocation, publish
 
 KEY, SECRET, REGION = "AKIDBERTPIPETEST", "bertpipe-s3-secret-3c9a51f07e", "us-east-1"
 SOURCES = ["news", "reviews", "forum"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -74,30 +72,29 @@ class MotoS3:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """A moto S3 server of our own, stopped by its pid afterwards."""
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.2)
-        yield MotoS3(f"http://127.0.0.1:{port}")
-    finally:
-        server.terminate()
+    (port,) = free_ports(1)
+    with (tmp_path_factory.mktemp("moto") / "moto.log").open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+        )
         try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+            deadline = time.time() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.time() > deadline or server.poll() is not None:
+                        raise RuntimeError("moto server did not start") from None
+                    time.sleep(0.2)
+            yield MotoS3(f"http://127.0.0.1:{port}")
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
 
 
 @pytest.fixture
@@ -111,7 +108,7 @@ def bucket(s3) -> str:
 @pytest.fixture
 def rows(s3, bucket, tmp_path) -> list[dict]:
     """Parquet and JSONL shards under ``s3://BUCKET/in/``."""
-    texts = make_texts(36, seed=5, max_words=200)
+    texts = make_texts(36, seed=5, max_words=80)
     data = [{"id": f"s3-{i:03d}", "text": t, "source": SOURCES[i % 3]} for i, t in enumerate(texts)]
     for path in write_shards(tmp_path / "in", data, n_parquet=2, n_jsonl=1):
         s3.client().upload_file(str(path), bucket, f"in/{path.name}")
@@ -123,63 +120,103 @@ def job_config(bucket: str, models, **io_options) -> dict:
         "input": {"paths": [f"s3://{bucket}/in/"], **io_options},
         "output": {"path": f"s3://{bucket}/out", "partition_by": ["source"], **io_options},
         "tasks": [
-            {"name": "topic", "kind": "classification", "model": str(models["topic"])},
             {"name": "sentiment", "kind": "sentiment", "model": str(models["sentiment"])},
         ],
         "runtime": {"dtype": "float32", "max_length": WINDOW, "stride": STRIDE, "local_cpus": 2},
     }
 
 
-def run_cli(tmp_path, cfg: dict, **env: str) -> subprocess.CompletedProcess:
-    """``bertpipe run -v`` in a subprocess with its own local Ray and no AWS settings but ``env``."""
-    path = write_config(tmp_path / "job.yaml", **cfg)
+def cli_env(**aws: str) -> dict[str, str]:
+    """This process's environment with no AWS settings but ``aws``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") or k == "AWS_CA_BUNDLE"}
+    return {**base, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0", **aws}
+
+
+def run_cli(config: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``bertpipe run -v`` in a subprocess with its own local Ray."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(path), "-v"],
+        [sys.executable, "-m", "pipeline", "run", str(config), "-v", *args],
         capture_output=True,
         text=True,
         timeout=600,
-        env={**base, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0", **env},
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert SECRET not in proc.stdout and SECRET not in proc.stderr
     return proc
 
 
-def check_published(s3: MotoS3, bucket: str, rows: list[dict], proc: subprocess.CompletedProcess) -> dict:
-    """The output is complete, hive-partitioned and committed, nothing else is left; returns the summary."""
-    assert SECRET not in proc.stdout and SECRET not in proc.stderr
+def check_published(s3: MotoS3, bucket: str, rows: list[dict], runs: int) -> dict:
+    """The output holds ``rows``, hive-partitioned and committed, the bucket nothing but the input and
+    the output (no staging, checkpoint or lock), and the summary no secret; returns the last summary."""
     out = s3.keys(bucket, "out/")
-    assert set(s3.keys(bucket)) - set(out) == {
-        f"in/{n}" for n in ("part-0.parquet", "part-1.parquet", "part-2.jsonl")
-    }
-    assert "out/_SUCCESS" in out
-    runs = [k for k in out if k.startswith("out/_runs/")]
-    assert len(runs) == 1 and runs[0].endswith(".json")
-    folders = {k.split("/")[1] for k in out if k.endswith(".parquet")}
-    assert folders == {f"source={s}" for s in SOURCES}
+    assert all(k.startswith("in/") for k in set(s3.keys(bucket)) - set(out))
+    assert {k.split("/")[1] for k in out if k.endswith(".parquet")} == {f"source={s}" for s in SOURCES}
+    assert len([k for k in out if k.startswith("out/_runs/")]) == runs
 
     table = s3.read_output(bucket)
     got = {r["id"]: r for r in table.to_pylist()}
-    assert table.num_rows == len(got) == len(rows)
+    assert table.num_rows == len(got) == len(rows), "every id exactly once"
     for row in rows:
         assert got[row["id"]]["text"] == row["text"]
         assert got[row["id"]]["source"] == row["source"]
         assert got[row["id"]]["_error"] is None
         assert got[row["id"]]["sentiment_label"] in {"positive", "negative"}
 
-    text = s3.read_text(bucket, runs[0])
+    run_id = s3.read_text(bucket, "out/_SUCCESS").strip()
+    text = s3.read_text(bucket, f"out/_runs/{run_id}.json")
     assert SECRET not in text
-    summary = json.loads(text)
-    assert summary["rows_in"] == summary["rows_out"] == len(rows)
-    assert summary["files_in"] == 3
-    assert s3.read_text(bucket, "out/_SUCCESS").strip() == summary["run_id"]
-    return summary
+    return json.loads(text)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """The driver and the local Ray it started (whose workers have process groups of their own)."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        try:
+            member.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(family, timeout=30)
+    proc.wait(timeout=30)
 
 
 @pytest.mark.slow
-def test_credentials_in_storage_options(tmp_path, s3, bucket, rows, models):
+def test_storage_options_and_resume(tmp_path, s3, bucket, rows, models):
+    """Credentials in ``storage_options``. The first run is killed once it has staged files on S3;
+    ``output.mode: resume`` reads its intent from S3, takes over its lock and finishes it."""
     cfg = job_config(bucket, models, storage_options=s3.storage_options())
-    summary = check_published(s3, bucket, rows, run_cli(tmp_path, cfg))
+    cfg["runtime"]["rows_per_block"] = 2  # many small blocks: the run is still writing when it is killed
+    config = write_config(tmp_path / "job.yaml", **cfg)
+    log = tmp_path / "killed.log"
+    with log.open("wb") as fh:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", str(config), "-v"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
+        )
+        try:
+            deadline = time.time() + 300
+            while driver.poll() is None and time.time() < deadline:
+                if any(k.endswith(".parquet") for k in s3.keys(bucket, ".out.staging/")):
+                    break
+                time.sleep(0.1)
+            assert driver.poll() is None, (
+                "the run ended before it could be killed: " + log.read_text()[-2000:]
+            )
+        finally:
+            _kill_tree(driver)
+    assert SECRET not in log.read_text()
+    assert not s3.keys(bucket, "out/"), "a killed run must leave nothing that looks like an output"
+
+    resumed = run_cli(config, "--set", "output.mode=resume", env=cli_env())
+    assert "resuming run" in resumed.stderr
+    summary = check_published(s3, bucket, rows, runs=1)
+    assert summary["rows_in"] == summary["rows_out"] == len(rows) and summary["files_in"] == 3
     for section in ("input", "output"):
         options = summary["config"][section]["storage_options"]
         assert options["secret"] == "***" and options["key"] == "***"
@@ -187,17 +224,32 @@ def test_credentials_in_storage_options(tmp_path, s3, bucket, rows, models):
 
 
 @pytest.mark.slow
-def test_credentials_from_the_environment(tmp_path, s3, bucket, rows, models):
-    """No storage options: s3fs in the driver and in every Ray worker finds the AWS_* variables
-    (without them there are no credentials at all, and no endpoint but the real AWS)."""
-    env = {
-        "AWS_ACCESS_KEY_ID": KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_ENDPOINT_URL": s3.endpoint,
-        "AWS_DEFAULT_REGION": REGION,
-    }
-    summary = check_published(s3, bucket, rows, run_cli(tmp_path, job_config(bucket, models), **env))
-    assert summary["config"]["input"]["storage_options"] == {}
+def test_environment_credentials_and_incremental(tmp_path, s3, bucket, rows, models):
+    """No storage options: s3fs in the driver and in every Ray worker finds the AWS_* variables (without
+    them there are no credentials at all, and no endpoint but AWS). A second ``incremental`` run
+    processes only the file added since, and the ledger on S3 lists all four."""
+    env = cli_env(
+        AWS_ACCESS_KEY_ID=KEY,
+        AWS_SECRET_ACCESS_KEY=SECRET,
+        AWS_ENDPOINT_URL=s3.endpoint,
+        AWS_DEFAULT_REGION=REGION,
+    )
+    cfg = job_config(bucket, models)
+    cfg["output"]["mode"] = "incremental"
+    config = write_config(tmp_path / "job.yaml", **cfg)
+    run_cli(config, env=env)
+    first = check_published(s3, bucket, rows, runs=1)
+    assert first["rows_in"] == len(rows) and first["config"]["input"]["storage_options"] == {}
+
+    texts = make_texts(9, seed=6, max_words=40)
+    more = [{"id": f"s3-new-{i}", "text": t, "source": SOURCES[i % 3]} for i, t in enumerate(texts)]
+    pq.write_table(pa.Table.from_pylist(more), tmp_path / "more.parquet")
+    s3.client().upload_file(str(tmp_path / "more.parquet"), bucket, "in/more/part-0.parquet")
+    run_cli(config, env=env)
+    second = check_published(s3, bucket, rows + more, runs=2)
+    assert second["rows_in"] == second["rows_out"] == len(more) and second["files_in"] == 1
+    ledger = json.loads(s3.read_text(bucket, "out/_state/ledger.json"))
+    assert len(ledger["files"]) == 4 and ledger["generation"] == 2
 
 
 def _stage(location: OutputLocation, files: dict[str, list[str]]) -> None:
@@ -230,3 +282,25 @@ def test_publish_overwrite_and_append_on_s3(s3, bucket):
     runs = ["run-1.json", "run-2.json", "run-3.json"]
     assert _published(s3, bucket) == (["c1", "c2", "d1"], runs, "run-3")
     assert [k for k in s3.keys(bucket) if not k.startswith("out/")] == []
+
+
+def test_every_credential_option_is_redacted():
+    """Option names differ per backend: s3fs key/secret/token, adlfs account_key/connection_string."""
+    options = {
+        "key": KEY,
+        "secret": SECRET,
+        "token": "t",
+        "account_name": "acct",
+        "account_key": "k",
+        "connection_string": "AccountKey=k",
+        "client_kwargs": {"endpoint_url": "http://user:pw@127.0.0.1:9000", "region_name": REGION},
+    }
+    assert redact_options(options) == {
+        "key": "***",
+        "secret": "***",
+        "token": "***",
+        "account_name": "acct",
+        "account_key": "***",
+        "connection_string": "***",
+        "client_kwargs": {"endpoint_url": "http://***@127.0.0.1:9000", "region_name": REGION},
+    }
