@@ -46,7 +46,12 @@ class OutputLocation:
     @classmethod
     def from_url(cls, url: str, storage_options: dict[str, Any]) -> OutputLocation:
         fs, path = url_to_fs(url, **storage_options)
-        return cls(fs, path.rstrip("/"))
+        path = path.rstrip("/")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if protocol not in ("file", "local") and "/" not in path:
+            # staging, checkpoint and lock live beside the output, so it needs a parent folder
+            raise ConfigError(f"output.path must be a folder inside a bucket or a directory, not {url!r}")
+        return cls(fs, path)
 
     def _sibling(self, suffix: str) -> str:
         parent, name = posixpath.split(self.path)
