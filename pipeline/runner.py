@@ -430,15 +430,19 @@ def _run_and_publish(
 
     init_ray(config.runtime)
     device = resolve_device(config.runtime.device)
-    ray.data.DataContext.get_current().checkpoint_config = _checkpointing(location)
-    ds = build_dataset(p, device)
-    with unwrapped_config_errors():
-        ds.write_parquet(
-            location.staging,
-            filesystem=arrow_filesystem(location.fs),
-            partition_cols=config.output.partition_by or None,
-            mode=SaveMode.APPEND,
-        )
+    context = ray.data.DataContext.get_current()
+    context.checkpoint_config = _checkpointing(location)
+    try:
+        ds = build_dataset(p, device)
+        with unwrapped_config_errors():
+            ds.write_parquet(
+                location.staging,
+                filesystem=arrow_filesystem(location.fs),
+                partition_cols=config.output.partition_by or None,
+                mode=SaveMode.APPEND,
+            )
+    finally:
+        context.checkpoint_config = None  # the process may run other jobs (tests, notebooks)
     stats = staged_stats(location, p.derive_id or config.input.id_column)
     verify_counts(p, stats)
     summary = run_summary(p, run_id, started, stats, device)

@@ -83,7 +83,12 @@ def _assigned_resources() -> dict:
     """What Ray scheduled this actor with (logged, so GPU requests can be checked on any machine)."""
     import ray
 
-    return ray.get_runtime_context().get_assigned_resources() if ray.is_initialized() else {}
+    if not ray.is_initialized():  # get_runtime_context() would start a Ray
+        return {}
+    try:
+        return ray.get_runtime_context().get_assigned_resources()
+    except AssertionError:  # a driver, not a Ray worker (the stage called directly)
+        return {}
 
 
 class InferStage:
