@@ -1,0 +1,1 @@
+"""Throughput, agreement and memory benchmark of bertpipe against HF pipelines and plain Ray Data."""
