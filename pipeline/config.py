@@ -8,10 +8,12 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ConfigError(Exception):
@@ -198,9 +200,14 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "; ".join(lines)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+def load_yaml_as(model: type[ModelT], path: str | Path, overrides: list[str] | None = None) -> ModelT:
+    """Read a YAML file, apply overrides and validate it; every problem is one line naming the key."""
     raw = read_yaml(path, overrides)
     try:
-        return JobConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from exc
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    return load_yaml_as(JobConfig, path, overrides)

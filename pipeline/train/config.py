@@ -43,9 +43,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from pipeline.config import ConfigError, InputFormat, TaskKind, _Strict, format_validation_error, read_yaml
+from pipeline.config import InputFormat, TaskKind, _Strict, load_yaml_as
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 _SENTIMENT_ALIASES = {"pos": "positive", "neg": "negative", "neu": "neutral"}
@@ -129,8 +129,4 @@ class FinetuneConfig(_Strict):
 
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
     """Read and validate a fine-tune YAML; every problem is one ConfigError line naming the key."""
-    raw = read_yaml(path, overrides)
-    try:
-        return FinetuneConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from exc
+    return load_yaml_as(FinetuneConfig, path, overrides)
