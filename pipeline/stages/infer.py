@@ -108,10 +108,7 @@ def _assigned_resources() -> dict:
 
 class InferStage:
     def __init__(self, model_tasks: list[ModelTask], runtime: RuntimeConfig, device: str):
-        import torch
-
         configure_worker_logging()
-        self.torch = torch
         threads = runtime.threads_per_actor or default_threads(runtime)
         torch.set_num_threads(threads)
         self.device = resolve_device(device)
@@ -149,13 +146,12 @@ class InferStage:
         return int(pad) if pad is not None else 0
 
     def _autocast(self):
-        if self.quantized or self.dtype == self.torch.float32:
-            return self.torch.autocast(self.device, enabled=False)
-        return self.torch.autocast(self.device, dtype=self.dtype)
+        if self.quantized or self.dtype == torch.float32:
+            return torch.autocast(self.device, enabled=False)
+        return torch.autocast(self.device, dtype=self.dtype)
 
     def _forward(self, model, pad_id: int, seqs: list[np.ndarray], exact: bool = False) -> list[np.ndarray]:
         """Logits per sequence, padding removed: (labels,) or (tokens, labels). ``exact`` forces fp32."""
-        torch = self.torch
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -175,10 +171,10 @@ class InferStage:
         """Forward one batch; on a GPU out-of-memory split it in half and lower the budget that worked."""
         try:
             return self._forward(self.models[name], self.pad_ids[name], seqs)
-        except self.torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             if len(seqs) == 1:
                 raise
-            self.torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
             half = len(seqs) // 2
             self.max_tokens = max(64, (max(len(s) for s in seqs) * len(seqs)) // 2)
             log.warning("CUDA out of memory; retrying in halves, token budget now %d", self.max_tokens)
@@ -197,7 +193,7 @@ class InferStage:
         self.unchecked.discard(name)
         reference = self.reference_models.pop(name, self.models[name])
         sample = seqs[: self.check_rows]
-        if not sample or (not self.quantized and self.dtype == self.torch.float32):
+        if not sample or (not self.quantized and self.dtype == torch.float32):
             return
         pad = self.pad_ids[name]
         fast = np.concatenate(
