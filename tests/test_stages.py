@@ -183,3 +183,34 @@ def test_tasks_with_the_same_tokenizer_share_one_tokenisation(models, tmp_path):
     assert len(shared) == 1 and model_tasks[3].group not in shared
     group = next(g for g in groups if g.key in shared)
     assert group.all_windows and group.offsets, "NER in the group needs windows and offsets"
+
+
+class _FirstTwoWindows:
+    """A tokenizer that behaves like tokenizers 0.23.1-0.23.2: only the first two overflow windows."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, *args, **kwargs):
+        enc = self.tok(*args, **kwargs)
+        return {key: values[:2] for key, values in enc.items()}
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_tokenizer_that_drops_windows_is_refused_before_the_run(models, monkeypatch):
+    """The driver probes every windowing tokenizer: a text must be covered to its last character."""
+    import pipeline.models.loading as loading
+
+    tok = AutoTokenizer.from_pretrained(models["ner"])
+    assert loading.windows_problem(tok) is None
+    assert "windows cover" in loading.windows_problem(_FirstTwoWindows(tok))
+
+    real_load = loading.load_tokenizer
+    monkeypatch.setattr(loading, "load_tokenizer", lambda *a: _FirstTwoWindows(real_load(*a)))
+    ner = TaskConfig(name="entities", kind="ner", model=str(models["ner"]))
+    with pytest.raises(loading.ConfigError, match="tokenizer of .* cannot window long texts"):
+        loading.inspect_model(ner)
+    topic = TaskConfig(name="topic", kind="classification", model=str(models["topic"]))
+    assert inspect_model(topic).task == "topic"  # truncating tasks need one window only

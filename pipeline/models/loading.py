@@ -101,6 +101,32 @@ def load_tokenizer(source: str, task: TaskConfig):
     return tok
 
 
+def windows_problem(tok) -> str | None:
+    """Why ``tok`` cannot cut a long text into overlapping windows, or None.
+
+    tokenizers 0.23.1 and 0.23.2 return only the first two overflowing windows and drop the rest of
+    the text without a word; a resolver can still pick them. A 100-word probe catches that (and any
+    later regression of the kind) before a run silently labels only the start of long texts."""
+    text = " ".join(["window"] * 100)
+    enc = tok(
+        text,
+        truncation=True,
+        max_length=16,
+        stride=4,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
+    covered = max(end for window in enc["offset_mapping"] for _, end in window)
+    if covered == len(text):
+        return None
+    import tokenizers
+
+    return (
+        f"its windows cover {covered} of {len(text)} characters of a probe text "
+        f"(tokenizers=={tokenizers.__version__} drops overflowing windows; install tokenizers>=0.23.3)"
+    )
+
+
 def tokenizer_key(tok) -> str:
     """Hash of the whole serialised tokenizer pipeline (normaliser, pre-tokeniser, vocabulary)."""
     return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:12]
@@ -114,11 +140,16 @@ def inspect_model(task: TaskConfig) -> ModelInfo:
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=task.trust_remote_code)
         tok = load_tokenizer(str(folder), task)
+        problem = windows_problem(tok) if task.kind == TaskKind.ner or task.long_text == "chunk" else None
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"task {task.name!r}: cannot load model {task.model}: {first}") from exc
+    if problem:
+        raise ConfigError(
+            f"task {task.name!r}: the tokenizer of {task.model} cannot window long texts: {problem}"
+        )
     id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
     if not id2label:
         raise ConfigError(f"task {task.name!r}: model {task.model} has no id2label in its config")
