@@ -26,7 +26,7 @@ from pipeline import columns as C
 from pipeline.config import ConfigError, JobConfig, RuntimeConfig, TaskKind
 from pipeline.io.paths import Shard, discover, redact, redact_options
 from pipeline.io.reader import ShardReport, inspect_shard
-from pipeline.io.state import Intent, Ledger, OutputLock, config_fingerprint
+from pipeline.io.state import Intent, Ledger, OutputLock, config_fingerprint, settle_checkpoint
 from pipeline.io.writer import OutputLocation, WriteStats, arrow_filesystem, publish, staged_stats
 from pipeline.models.loading import ModelInfo, inspect_model
 from pipeline.stages.infer import ModelTask
@@ -410,6 +410,8 @@ def execute(config: JobConfig) -> dict[str, Any]:
             if location.fs.exists(location.checkpoint):
                 location.fs.rm(location.checkpoint, recursive=True)
             Intent(run_id, publish_mode, config_fingerprint(config), started).save(location)
+        elif settled := settle_checkpoint(location):
+            log.info("finished %d checkpoint commits the interrupted run left half done", settled)
         summary = _run_and_publish(config, p, location, run_id, publish_mode, ledger, started)
     finally:
         lock.release()

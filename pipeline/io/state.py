@@ -6,6 +6,7 @@
   moment of creation. A second run fails fast with one line naming the holder.
 - ``Intent``: written into the staging folder when a run starts. ``mode: resume`` reads it to finish
   the interrupted run with the same config and the same publish mode, and takes over its lock.
+- ``settle_checkpoint``: finishes checkpoint commits that an interrupted run left half done.
 - ``Ledger``: the input files (url, size, mtime/etag) that an ``incremental`` output already holds,
   stored as ``_state/ledger.json`` in the output and replaced only after the data is published.
 """
@@ -65,6 +66,26 @@ class Intent:
         path = posixpath.join(location.staging, INTENT)
         if location.fs.exists(path):
             location.fs.rm(path)
+
+
+def settle_checkpoint(location: OutputLocation) -> int:
+    """Drop the ``X.pending.parquet`` files whose ``X.parquet`` twin exists; returns how many.
+
+    Ray commits a row checkpoint by renaming ``X.pending.parquet`` to ``X.parquet`` after the data file
+    is written. On object stores a rename is a copy and then a delete: a run killed in between leaves
+    both, and Ray's recovery then deletes the data file (it has a pending checkpoint) while keeping the
+    committed checkpoint, so a resume would skip rows that are no longer written. The committed twin
+    proves the data file was complete, so the pending one is the leftover (what Ray's own retry of the
+    commit does)."""
+    fs = location.fs
+    if not fs.exists(location.checkpoint):
+        return 0
+    names = {posixpath.basename(p) for p in fs.ls(location.checkpoint, detail=False)}
+    suffix = ".pending.parquet"
+    done = [n for n in names if n.endswith(suffix) and n[: -len(suffix)] + ".parquet" in names]
+    for name in done:
+        fs.rm(posixpath.join(location.checkpoint, name))
+    return len(done)
 
 
 class OutputLock:
