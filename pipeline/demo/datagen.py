@@ -134,8 +134,8 @@ def _balanced(rng: random.Random, labels: Sequence[str], n: int, make: Callable[
 
 # --------------------------------------------------------------------------------------------- sentiment
 
-_SENTENCE_KINDS = ("aspect", "verdict", "adjective", "negation", "contrast")
-_SENTENCE_WEIGHTS = (30, 16, 12, 20, 22)
+_SENTENCE_KINDS = ("aspect", "verdict", "adjective", "negation", "contrast", "idiom")
+_SENTENCE_WEIGHTS = (26, 13, 10, 17, 20, 20)
 _REVIEW_SIZES = (1, 2, 3, 4, 5, 6, 7, 8)
 _REVIEW_SIZE_WEIGHTS = (17, 19, 19, 14, 12, 9, 6, 4)
 _MAX_REVIEW_WORDS = 120
@@ -164,13 +164,15 @@ class _ReviewWriter:
         return self.pick(self.domain.pos if positive else self.domain.neg)
 
     def polar_clause(self) -> str:
-        """A clause that on its own carries the review's polarity (aspect, verdict or negation)."""
+        """A clause that on its own carries the review's polarity (aspect, verdict, negation, idiom)."""
         pick = self.rng.random()
         if pick < 0.6:
             return self.aspect(self.positive)
-        if pick < 0.8:
+        if pick < 0.75:
             return self.pick(V.POS_VERDICTS if self.positive else V.NEG_VERDICTS)
-        return self.pick(V.POS_NEGATION if self.positive else V.NEG_NEGATION)
+        if pick < 0.9:
+            return self.pick(V.POS_NEGATION if self.positive else V.NEG_NEGATION)
+        return self.pick(V.POS_IDIOMS if self.positive else V.NEG_IDIOMS)
 
     def contrast(self) -> str:
         """Mixed sentence whose final clause (after "but", "however", ...) decides the label."""
@@ -193,6 +195,8 @@ class _ReviewWriter:
             return self.aspect(positive)
         if kind == "verdict":
             return self.pick(V.POS_VERDICTS if positive else V.NEG_VERDICTS)
+        if kind == "idiom":
+            return self.pick(V.POS_IDIOMS if positive else V.NEG_IDIOMS)
         if kind == "adjective":
             adjectives = V.POS_ADJ if positive else V.NEG_ADJ
             return _fill(rng, self.pick(V.ADJ_FRAMES), {"adj": adjectives, "intens": _INTENSIFIERS_OR_NONE})

@@ -140,6 +140,7 @@ def inspect_model(task: TaskConfig) -> ModelInfo:
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=task.trust_remote_code)
         tok = load_tokenizer(str(folder), task)
+        key = tokenizer_key(tok)  # before the probe: calling a fast tokenizer sets its truncation state
         problem = windows_problem(tok) if task.kind == TaskKind.ner or task.long_text == "chunk" else None
     except ConfigError:
         raise
@@ -161,7 +162,7 @@ def inspect_model(task: TaskConfig) -> ModelInfo:
         revision=task.revision,
         id2label=id2label,
         problem_type=getattr(config, "problem_type", None),
-        tokenizer_key=tokenizer_key(tok),
+        tokenizer_key=key,
         weights_sha256=_sha256(weights),
         weight_files=tuple(p.name for p in weights),
     )
