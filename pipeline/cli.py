@@ -130,7 +130,8 @@ def demo(
 
 
 class TrainingProgress:
-    """A rich progress bar per model, fed by fine-tuning events (from a background thread)."""
+    """A rich progress bar per model, fed by fine-tuning events (from a background thread). Where the
+    output is not a terminal (a CI log, a file) bars do not render, so milestones print as lines."""
 
     def __init__(self):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -172,6 +173,8 @@ class TrainingProgress:
         elif kind == "saved":
             total = self.bars.tasks[bar].total
             self.bars.update(bar, completed=total, status=f"saved to {event['output_dir']}")
+        if kind != "step" and not out.is_terminal:
+            out.print(f"fine-tune {name}: {self.bars.tasks[bar].fields['status']}", highlight=False)
 
 
 def print_examples(output: Path, limit: int = 5) -> None:
