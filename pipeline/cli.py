@@ -187,7 +187,10 @@ def print_examples(output: Path, limit: int = 5) -> None:
     for column in ("text", "topic", "sentiment", "entities"):
         table.add_column(column)
     for row in rows[:: max(1, len(rows) // limit)][:limit]:
-        entities = ", ".join(f"{e['word']} ({e['entity_group']})" for e in row["entities"] or [])
+        # The text's own characters: an uncased model's ``word`` is lower-cased WordPiece output.
+        entities = ", ".join(
+            f"{row['text'][e['start'] : e['end']]} ({e['entity_group']})" for e in row["entities"] or []
+        )
         table.add_row(
             row["text"][:140],
             f"{row['topic_label']} {row['topic_score']:.2f}",

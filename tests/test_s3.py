@@ -304,3 +304,19 @@ def test_every_credential_option_is_redacted():
         "connection_string": "***",
         "client_kwargs": {"endpoint_url": "http://***@127.0.0.1:9000", "region_name": REGION},
     }
+
+
+def test_listings_are_not_cached_while_other_processes_write(s3, bucket):
+    """Ray's workers write staged files and its cleanup task deletes checkpoint files from other
+    processes: the output's filesystem must list what is there now, not what it saw before."""
+    from pipeline.io.writer import data_files
+
+    location = OutputLocation.from_url(f"s3://{bucket}/listing/out", s3.storage_options())
+    _stage(location, {"1.parquet": ["a"]})
+    before = data_files(location.fs, location.staging)
+    location.fs.ls(location.staging)  # a listing the driver made earlier
+    s3.client().put_object(Bucket=bucket, Key="listing/.out.staging/2.parquet", Body=b"x")
+    s3.client().delete_object(Bucket=bucket, Key="listing/.out.staging/1.parquet")
+    assert [p.rsplit("/", 1)[1] for p in before] == ["1.parquet"]
+    assert [p.rsplit("/", 1)[1] for p in location.fs.ls(location.staging)] == ["2.parquet"]
+    assert [p.rsplit("/", 1)[1] for p in data_files(location.fs, location.staging)] == ["2.parquet"]

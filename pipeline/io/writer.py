@@ -46,6 +46,10 @@ class OutputLocation:
     @classmethod
     def from_url(cls, url: str, storage_options: dict[str, Any]) -> OutputLocation:
         fs, path = url_to_fs(url, **storage_options)
+        if getattr(fs, "dircache", None) is not None:
+            # Ray's workers and cleanup tasks change these folders from other processes: a cached
+            # listing here (or in the filesystem handed to Ray) would miss or resurrect files.
+            fs = type(fs)(**{**fs.storage_options, "use_listings_cache": False})
         path = path.rstrip("/")
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if protocol not in ("file", "local") and "/" not in path:
