@@ -119,7 +119,7 @@ def demo(
     init_ray(RuntimeConfig())  # one Ray for the three fine-tunes and the run
     try:
         with TrainingProgress() as progress:
-            models = train_models(root, 40 if quick else None, progress.update)
+            models = train_models(root, 8 if quick else None, progress.update)
         n = write_corpus(root / "demo" / "corpus", 120 if quick else rows)
         out.print(f"sample corpus: {n} rows in {root / 'demo' / 'corpus'}")
         summary = execute(JobConfig.model_validate(job_config(root, models)))
