@@ -161,9 +161,6 @@ class _ReviewWriter:
         return choice
 
     def aspect(self, positive: bool) -> str:
-        """A polar clause about the item: one of the domain's, or a plain event (a third of the time)."""
-        if self.rng.random() < 0.35:
-            return self.pick(V.POS_EVENTS if positive else V.NEG_EVENTS)
         return self.pick(self.domain.pos if positive else self.domain.neg)
 
     def polar_clause(self) -> str:
