@@ -169,7 +169,7 @@ def inspect_model(task: TaskConfig) -> ModelInfo:
 
 
 def load_model(task: TaskConfig, source: str):
-    """Load the task's model for inference (eval mode, fp32 weights; the model actor lowers them)."""
+    """Load the task's model for inference (eval mode, fp32 weights; precision is applied by autocast)."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     cls = AutoModelForTokenClassification if task.kind == TaskKind.ner else AutoModelForSequenceClassification
