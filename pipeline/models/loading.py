@@ -122,8 +122,8 @@ def windows_problem(tok) -> str | None:
     import tokenizers
 
     return (
-        f"its windows cover {covered} of {len(text)} characters of a probe text "
-        f"(tokenizers=={tokenizers.__version__} drops overflowing windows; install tokenizers>=0.23.3)"
+        f"its windows cover {covered} of {len(text)} characters of a probe text (installed: "
+        f"tokenizers=={tokenizers.__version__}; 0.23.1 and 0.23.2 drop overflowing windows, 0.23.3 works)"
     )
 
 
