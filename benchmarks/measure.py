@@ -169,6 +169,7 @@ class MemoryPeak:
     rss: int = 0
     pss: int = 0
     processes: int = 0
+    at_peak: dict[str, int] = field(default_factory=dict)  # PSS by process title at the peak sample
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -179,12 +180,17 @@ class MemoryPeak:
         except psutil.NoSuchProcess:
             return
         rss = pss = 0
+        by_title: dict[str, int] = {}
         for proc in tree:
             try:
                 info = proc.memory_full_info()
+                title = _title(proc)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             rss, pss = rss + info.rss, pss + info.pss
+            by_title[title] = by_title.get(title, 0) + info.pss
+        if pss > self.pss:
+            self.at_peak = by_title
         self.rss, self.pss = max(self.rss, rss), max(self.pss, pss)
         self.processes = max(self.processes, len(tree))
 
@@ -206,7 +212,22 @@ class MemoryPeak:
             "peak_rss_mib": self.rss / 2**20,
             "peak_pss_mib": self.pss / 2**20,
             "processes": self.processes,
+            "pss_mib_by_process_at_peak": {
+                title: round(size / 2**20)
+                for title, size in sorted(self.at_peak.items(), key=lambda kv: -kv[1])
+            },
         }
+
+
+def _title(proc: psutil.Process) -> str:
+    """Ray names its workers by the task or actor they run (``ray::InferStage``); others by program."""
+    cmdline = proc.cmdline()
+    first = cmdline[0] if cmdline else proc.name()
+    if first.startswith("ray::"):
+        return first.split()[0]
+    return (
+        Path(first).name if "python" not in Path(first).name else " ".join(Path(c).name for c in cmdline[:2])
+    )
 
 
 # ----------------------------------------------------------------------------------------------- agreement

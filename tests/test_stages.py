@@ -93,23 +93,58 @@ def test_long_text_chunk_pools_window_scores(models):
     assert any(len(tok(t)["input_ids"]) > 64 for t in texts), "some texts must need several windows"
 
 
-def test_bf16_check_compares_with_fp32_and_logs(models, caplog):
-    runtime = RuntimeConfig(dtype="bfloat16", max_length=128, precision_check_rows=8)
+@pytest.fixture
+def pipeline_log(caplog):
+    """caplog for the ``pipeline`` logger, which does not propagate once a stage has configured it."""
+    logger = logging.getLogger("pipeline")
+    logger.addHandler(caplog.handler)
     with caplog.at_level(logging.INFO, logger="pipeline"):
-        out = _run_stages(
-            [_task("topic", "classification", models["topic"])], make_texts(10, seed=4), runtime
-        )
-    assert any("bfloat16 labels" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
+        yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_bf16_check_compares_with_fp32_and_logs(models, pipeline_log):
+    runtime = RuntimeConfig(dtype="bfloat16", max_length=128, precision_check_rows=8)
+    out = _run_stages([_task("topic", "classification", models["topic"])], make_texts(10, seed=4), runtime)
+    messages = [r.getMessage() for r in pipeline_log.records]
+    assert any("bfloat16 labels" in m and "fp32" in m for m in messages)
     assert out.column(C.label("topic")).null_count == 0
 
 
-def test_int8_quantisation_runs_and_is_checked(models, caplog):
-    runtime = RuntimeConfig(dtype="float32", quantize="int8", max_length=128, precision_check_rows=8)
-    with caplog.at_level(logging.INFO, logger="pipeline"):
-        out = _run_stages(
-            [_task("topic", "classification", models["topic"])], make_texts(10, seed=4), runtime
+def test_bf16_weights_give_the_same_logits_as_autocast_over_fp32(models):
+    """Storing Linear weights in bf16 must be a pure speed-up: the numbers autocast would produce."""
+    from transformers import AutoModelForTokenClassification
+
+    for name, kind, auto in (
+        ("topic", "classification", AutoModelForSequenceClassification),
+        ("ner", "ner", AutoModelForTokenClassification),
+    ):
+        stage = InferStage(
+            [_task(name, kind, models[name])],
+            RuntimeConfig(dtype="bfloat16", precision_check_rows=0),
+            "cpu",
         )
-    assert any("int8 labels" in r.getMessage() for r in caplog.records)
+        model = stage.models[name]
+        assert model.classifier.head.weight.dtype == torch.float32
+        assert model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+        assert model.bert.embeddings.word_embeddings.weight.dtype == torch.float32
+        seqs = [np.arange(1, n + 1) % 900 + 100 for n in (7, 19, 33)]
+        got = [stage._forward(model, 0, [seq])[0] for seq in seqs]  # same shapes as the reference
+        reference = auto.from_pretrained(models[name]).eval()
+        for seq, logits in zip(seqs, got, strict=True):
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                hidden = reference.bert(input_ids=torch.tensor([seq])).last_hidden_state
+                if kind != "ner":
+                    hidden = reference.bert.pooler(hidden)
+            with torch.inference_mode():
+                expected = reference.classifier(hidden.float())[0].numpy()
+            np.testing.assert_array_equal(logits, expected)
+
+
+def test_int8_quantisation_runs_and_is_checked(models, pipeline_log):
+    runtime = RuntimeConfig(dtype="float32", quantize="int8", max_length=128, precision_check_rows=8)
+    out = _run_stages([_task("topic", "classification", models["topic"])], make_texts(10, seed=4), runtime)
+    assert any("int8 labels" in r.getMessage() for r in pipeline_log.records)
     assert out.column(C.label("topic")).null_count == 0
 
 
