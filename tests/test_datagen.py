@@ -156,14 +156,22 @@ def test_sample_corpus_mixes_sources_and_lengths(sentiment, topic, ner):
     assert not [r["text"] for r in corpus if r["text"] in training]
 
 
-def test_heldout_sentiment_file(sentiment):
-    rows = _read_jsonl(DATA / "heldout_sentiment.jsonl")
+@pytest.mark.parametrize(
+    ("name", "size", "hard_cases"),
+    [
+        ("heldout_sentiment.jsonl", 70, 15),
+        ("heldout_sentiment_b.jsonl", 50, 3),
+        ("heldout_sentiment_c.jsonl", 60, 3),
+    ],
+)
+def test_heldout_sentiment_files(sentiment, name, size, hard_cases):
+    rows = _read_jsonl(DATA / name)
     counts = Counter(r["label"] for r in rows)
-    assert len(rows) >= 70 and set(counts) == set(SENTIMENT_LABELS)
+    assert len(rows) >= size and set(counts) == set(SENTIMENT_LABELS)
     assert abs(counts["positive"] - counts["negative"]) <= 0.1 * len(rows)
     assert all(isinstance(r["text"], str) and r["text"].strip() for r in rows)
-    assert sum(bool(CONTRAST.search(r["text"])) for r in rows) >= 15
-    assert sum(bool(NEGATION.search(r["text"])) for r in rows) >= 15
+    assert sum(bool(CONTRAST.search(r["text"])) for r in rows) >= hard_cases
+    assert sum(bool(NEGATION.search(r["text"])) for r in rows) >= hard_cases
     assert not {r["text"] for r in rows} & {r["text"] for r in sentiment}
 
 
