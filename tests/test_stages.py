@@ -249,3 +249,16 @@ def test_a_tokenizer_that_drops_windows_is_refused_before_the_run(models, monkey
         loading.inspect_model(ner)
     topic = TaskConfig(name="topic", kind="classification", model=str(models["topic"]))
     assert inspect_model(topic).task == "topic"  # truncating tasks need one window only
+
+
+def test_the_model_stage_returns_freed_heap_memory_after_each_block(models, monkeypatch):
+    """Without a trim glibc keeps the freed activations of every block shape (benchmarks: 1.5x PSS)."""
+    import pipeline.stages.infer as infer
+
+    if infer._malloc_trim() is None:
+        pytest.skip("not glibc")
+    calls = []
+    monkeypatch.setattr(infer, "_malloc_trim", lambda: calls.append)
+    runtime = RuntimeConfig(dtype="float32", max_length=128, precision_check_rows=0)
+    _run_stages([_task("topic", "classification", models["topic"])], make_texts(6, seed=2), runtime)
+    assert calls == [0]

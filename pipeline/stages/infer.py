@@ -9,6 +9,8 @@ this budgeted batching for us, hence it lives here.
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -93,6 +95,27 @@ def store_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             module.to(dtype)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None on other C libraries."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the heap pages freed by a block back to the OS.
+
+    Activations of different shapes leave glibc's heap fragmented, and it keeps what was freed: a model
+    actor grew from 1.5 to 2.2 GB RSS over three 512-row blocks of the benchmark corpus (and to 2.6 GB
+    over 3,000 rows), against 0.84 to 0.92 GB with a trim after each block, at no measurable cost.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def default_threads(runtime: RuntimeConfig) -> int:
@@ -245,4 +268,5 @@ class InferStage:
             )
             outer = np.concatenate([[0], np.cumsum(windows_per_row)]).astype(np.int32)
             table = table.append_column(C.logits(name), pa.ListArray.from_arrays(pa.array(outer), inner))
+        release_freed_memory()
         return table
