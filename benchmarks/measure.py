@@ -225,9 +225,10 @@ def _title(proc: psutil.Process) -> str:
     first = cmdline[0] if cmdline else proc.name()
     if first.startswith("ray::"):
         return first.split()[0]
-    return (
-        Path(first).name if "python" not in Path(first).name else " ".join(Path(c).name for c in cmdline[:2])
-    )
+    program = Path(first).name
+    if "python" in program:  # "python -m", "python dashboard.py"
+        return " ".join(Path(c).name for c in cmdline[:2])
+    return program
 
 
 # ----------------------------------------------------------------------------------------------- agreement
