@@ -4,7 +4,7 @@ The runner keeps its dataset to itself, so ``ds.stats()`` is out of reach from o
 retain the stats summary of every finished execution (``DataContext.enable_stats_summary_collection``,
 read back with ``ray.data.list_stats_summaries()``, an API meant for benchmark utilities); this wrapper
 turns that on and writes the summaries to ``$BENCH_STATS_FILE`` when the command ends. Nothing else
-differs from ``python -m pipeline``.
+differs from ``python -m bertpipe``.
 
 Usage: ``BENCH_STATS_FILE=stats.json python -m benchmarks.cli_stats run job.yaml [--set ...]``.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import ray
 import ray.data
 
-from pipeline.cli import main
+from bertpipe.cli import main
 
 
 def _total(stats) -> float | None:

@@ -1,6 +1,6 @@
 """The benchmark corpus: English-looking documents with a long-tailed length distribution.
 
-Text: sentences of the demo generators (``pipeline.demo.datagen.make_sample_corpus``: reviews, news and
+Text: sentences of the demo generators (``bertpipe.demo.datagen.make_sample_corpus``: reviews, news and
 forum posts with person, company and city names from Faker), so the text tokenises like English and
 carries entities and sentiment. A document is sentences drawn at random, a paragraph break every five,
 cut to exactly its target number of words (the last sentence may be cut short).
@@ -35,7 +35,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def sentence_pool(docs: int, seed: int) -> list[str]:
     """Distinct sentences (and headlines) of ``docs`` demo documents, in generation order."""
-    from pipeline.demo.datagen import make_sample_corpus
+    from bertpipe.demo.datagen import make_sample_corpus
 
     sentences = (
         s.strip()

@@ -6,7 +6,7 @@ Models: BERT-base shape (12 layers, hidden 768, 12 heads, FFN 3072) built from i
 weights and calibrated heads (``benchmarks.models``), MiniLM's WordPiece tokenizer; nothing downloaded.
 Corpus: ``benchmarks.corpus`` (long-tailed lengths, Parquet + JSONL shards). For bf16 and fp16:
 
-- end to end: ``pipeline.runner.execute`` (local Ray, one GPU actor) on the whole corpus: rows/s, tokens/s;
+- end to end: ``bertpipe.runner.execute`` (local Ray, one GPU actor) on the whole corpus: rows/s, tokens/s;
 - model stage alone: ``InferStage.run_sequences`` on the pre-tokenised corpus in this process, no Ray, so
   the gap to end to end is what tokenising, post-processing, Ray and the write cost;
 - labels of a random sample against HF ``pipeline()`` fp32 on the CPU (sentiment agreement, NER entity
@@ -90,7 +90,7 @@ def gpu_info(device: str) -> dict:
 
 def job(source: Path, out: Path, models: dict, dtype: str, device: str, max_tokens: int):
     from benchmarks.ways import job_config
-    from pipeline.config import JobConfig
+    from bertpipe.config import JobConfig
 
     raw = job_config(source, out, models, MAX_LENGTH, STRIDE)
     raw["runtime"].update(
@@ -108,8 +108,8 @@ def model_stage(config, sequences: dict[str, list], tokens: int, flops: float, g
     """Only the model: token ids in, logits out, in this process (warmed up first)."""
     import torch
 
-    from pipeline.runner import plan_models
-    from pipeline.stages.infer import InferStage
+    from bertpipe.runner import plan_models
+    from bertpipe.stages.infer import InferStage
 
     _, model_tasks, _ = plan_models(config)
     stage = InferStage(model_tasks, config.runtime, config.runtime.device)
@@ -143,7 +143,7 @@ def check(args: argparse.Namespace) -> dict:
     from benchmarks.corpus import Corpus
     from benchmarks.models import build_models
     from benchmarks.ways import HFLabeller, read_predictions
-    from pipeline.runner import execute, init_ray
+    from bertpipe.runner import execute, init_ray
 
     device, shape, n = ("cpu", TINY, 1024) if args.rehearse else ("cuda", BERT_BASE, 8192)
     result: dict = {

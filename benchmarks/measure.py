@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from pipeline.stages.infer import plan_batches
+from bertpipe.stages.infer import plan_batches
 
 
 @dataclass
@@ -252,7 +252,7 @@ def entity_f1(got: dict[str, list], ref: dict[str, list]) -> dict:
 
 
 def _sentiment(label: str) -> str:
-    from pipeline.tasks.sentiment import _auto_label
+    from bertpipe.tasks.sentiment import _auto_label
 
     return _auto_label(label) or label  # bertpipe writes positive/negative, HF the model's own names
 

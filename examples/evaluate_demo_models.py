@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from transformers import pipeline
+from transformers import bertpipe
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 

@@ -33,7 +33,7 @@ def build_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     sys.argv = ["bertpipe", *build_argv(sys.argv[1:])]
     # Imported here so build_argv stays importable (and testable) without the CLI's dependencies.
-    from pipeline.cli import main as cli_main
+    from bertpipe.cli import main as cli_main
 
     cli_main()
 

@@ -21,4 +21,4 @@ exec ray job submit \
   --address "${RAY_API_SERVER_ADDRESS:-http://127.0.0.1:8265}" \
   --working-dir . \
   --runtime-env jobs/runtime_env.yaml \
-  -- python -m pipeline run "$config" --set runtime.address=auto "$@"
+  -- python -m bertpipe run "$config" --set runtime.address=auto "$@"

@@ -1,3 +1,3 @@
-from pipeline.cli import main
+from bertpipe.cli import main
 
 main()

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import ConfigError, load_config
+from bertpipe.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch BERT labelling on Ray Data.")
 out = Console()
@@ -34,13 +34,13 @@ def _setup_logging(verbose: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("pipeline").setLevel(logging.INFO)
+    logging.getLogger("bertpipe").setLevel(logging.INFO)
 
 
 @app.command()
 def validate(config: str, set_: SetOption = None) -> None:
     """Check a config, its models and every input file without running the models."""
-    from pipeline.runner import inspect_locally, plan
+    from bertpipe.runner import inspect_locally, plan
 
     _setup_logging(False)
     try:
@@ -68,7 +68,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a job: read, label with every task, write partitioned output and a run summary."""
-    from pipeline.runner import execute
+    from bertpipe.runner import execute
 
     _setup_logging(verbose)
     try:
@@ -77,7 +77,7 @@ def run(
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - the CLI turns any failure into one line and a code
-        logging.getLogger("pipeline").debug("run failed", exc_info=True)
+        logging.getLogger("bertpipe").debug("run failed", exc_info=True)
         first = str(exc).splitlines()[0] if str(exc) else ""
         _fail(f"run failed: {type(exc).__name__}: {first}", code=1)
     print_summary(summary)
@@ -86,8 +86,8 @@ def run(
 @app.command()
 def finetune(config: str, set_: SetOption = None) -> None:
     """Fine-tune a BERT classifier or tagger on labelled data (Ray Train); saves a folder `run` can use."""
-    from pipeline.train.config import load_finetune_config
-    from pipeline.train.trainer import run_finetune
+    from bertpipe.train.config import load_finetune_config
+    from bertpipe.train.trainer import run_finetune
 
     _setup_logging(False)
     try:
@@ -109,9 +109,9 @@ def demo(
     rows: Annotated[int, typer.Option(help="Rows in the sample corpus.")] = 600,
 ) -> None:
     """Offline demo: fine-tune three demo models once (cached), then label a sample corpus with them."""
-    from pipeline.config import JobConfig, RuntimeConfig
-    from pipeline.demo.run import job_config, train_models, write_corpus
-    from pipeline.runner import execute, init_ray
+    from bertpipe.config import JobConfig, RuntimeConfig
+    from bertpipe.demo.run import job_config, train_models, write_corpus
+    from bertpipe.runner import execute, init_ray
 
     _setup_logging(False)
     root = Path(workdir).resolve()

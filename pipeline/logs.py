@@ -5,7 +5,7 @@ import sys
 
 
 def configure_worker_logging() -> None:
-    logger = logging.getLogger("pipeline")
+    logger = logging.getLogger("bertpipe")
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

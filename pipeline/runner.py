@@ -21,17 +21,17 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import __version__
-from pipeline import columns as C
-from pipeline.config import ConfigError, JobConfig, RuntimeConfig, TaskKind
-from pipeline.io.paths import Shard, discover, redact, redact_options
-from pipeline.io.reader import ShardReport, inspect_shard
-from pipeline.io.state import Intent, Ledger, OutputLock, config_fingerprint, settle_checkpoint
-from pipeline.io.writer import OutputLocation, WriteStats, arrow_filesystem, publish, staged_stats
-from pipeline.models.loading import ModelInfo, inspect_model
-from pipeline.stages.infer import ModelTask
-from pipeline.stages.prepare import TokenizerGroup
-from pipeline.tasks.sentiment import sentiment_label_map
+from bertpipe import __version__
+from bertpipe import columns as C
+from bertpipe.config import ConfigError, JobConfig, RuntimeConfig, TaskKind
+from bertpipe.io.paths import Shard, discover, redact, redact_options
+from bertpipe.io.reader import ShardReport, inspect_shard
+from bertpipe.io.state import Intent, Ledger, OutputLock, config_fingerprint, settle_checkpoint
+from bertpipe.io.writer import OutputLocation, WriteStats, arrow_filesystem, publish, staged_stats
+from bertpipe.models.loading import ModelInfo, inspect_model
+from bertpipe.stages.infer import ModelTask
+from bertpipe.stages.prepare import TokenizerGroup
+from bertpipe.tasks.sentiment import sentiment_label_map
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def inspect_locally(config: JobConfig):
     """Pre-flight checks in threads on this machine (``bertpipe validate``)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.io.paths import filesystem_for
+    from bertpipe.io.paths import filesystem_for
 
     def run(shards: list[Shard]) -> list[ShardReport]:
         if not shards:
@@ -202,7 +202,7 @@ def inspect_on_ray(config: JobConfig):
     """Pre-flight checks as Ray tasks, next to the data on a cluster."""
     import ray
 
-    from pipeline.io.paths import filesystem_for
+    from bertpipe.io.paths import filesystem_for
 
     @ray.remote(num_cpus=0.25)
     def check(shard: Shard) -> ShardReport:
@@ -246,12 +246,12 @@ def build_dataset(p: Plan, device: str):
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.io.partitions import PartitionSanitiser
-    from pipeline.io.paths import filesystem_for
-    from pipeline.io.reader import ShardDatasource
-    from pipeline.stages.infer import InferStage
-    from pipeline.stages.postprocess import PostprocessStage
-    from pipeline.stages.prepare import PrepareStage
+    from bertpipe.io.partitions import PartitionSanitiser
+    from bertpipe.io.paths import filesystem_for
+    from bertpipe.io.reader import ShardDatasource
+    from bertpipe.stages.infer import InferStage
+    from bertpipe.stages.postprocess import PostprocessStage
+    from bertpipe.stages.prepare import PrepareStage
 
     cfg, rt = p.config, p.config.runtime
     shards = p.good_shards
@@ -490,7 +490,7 @@ def verify_counts(p: Plan, stats: WriteStats) -> None:
 
 def execute_table(config: JobConfig) -> dict[str, Any]:
     """Iceberg / Delta output: the table format's own commit replaces staging and publish."""
-    from pipeline.io.warehouse import check_target, write_table
+    from bertpipe.io.warehouse import check_target, write_table
 
     started = time.time()
     run_id = new_run_id()

@@ -16,13 +16,13 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import STRIDE, WINDOW, base_config, make_texts, write_config
-from transformers import pipeline as hf_pipeline
+from transformers import bertpipe as hf_pipeline
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.config import ConfigError, InputFormat
-from pipeline.io.paths import discover
-from pipeline.io.reader import ShardDatasource
+from bertpipe.cli import app
+from bertpipe.config import ConfigError, InputFormat
+from bertpipe.io.paths import discover
+from bertpipe.io.reader import ShardDatasource
 
 PARQUET_FOOTER = (
     "unreadable parquet file: Parquet magic bytes not found in footer. "
@@ -150,7 +150,7 @@ def test_bad_file_exit_code_from_the_console_script(tmp_path, models):
     path, reason = malformed_jsonl(tmp_path / "in")
     config, out = job(tmp_path, models)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(config)],
+        [sys.executable, "-m", "bertpipe", "run", str(config)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -248,5 +248,5 @@ def test_validate_lists_what_a_run_would_skip(skip_run, caplog):
     validate, _ = cli("validate", str(config))
     assert validate.exit_code == 0, validate.output
     assert f"2 ({len(BAD_FILES)} skipped by policy)" in validate.stdout
-    warnings = [r.getMessage() for r in caplog.records if r.name == "pipeline.runner"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bertpipe.runner"]
     assert sorted(warnings) == sorted(f"skipping bad input file {p}: {r}" for p, r in skipped.items())

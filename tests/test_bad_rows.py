@@ -12,17 +12,17 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import STRIDE, WINDOW, base_config, make_texts, write_config
-from transformers import pipeline as hf_pipeline
+from transformers import bertpipe as hf_pipeline
 from typer.testing import CliRunner
 
-from pipeline import columns as C
-from pipeline.cli import app
-from pipeline.config import JobConfig
-from pipeline.io.reader import normalise_block
-from pipeline.runner import execute, plan_models
-from pipeline.stages.infer import InferStage
-from pipeline.stages.postprocess import PostprocessStage
-from pipeline.stages.prepare import PrepareStage
+from bertpipe import columns as C
+from bertpipe.cli import app
+from bertpipe.config import JobConfig
+from bertpipe.io.reader import normalise_block
+from bertpipe.runner import execute, plan_models
+from bertpipe.stages.infer import InferStage
+from bertpipe.stages.postprocess import PostprocessStage
+from bertpipe.stages.prepare import PrepareStage
 
 MEGABYTE = 1_000_000
 OUTPUTS = ("topic_label", "topic_score", "topic_top", "sentiment_label", "sentiment_score", "entities")
@@ -256,7 +256,7 @@ def test_duplicate_ids_fail_by_policy(ray_session, models, tmp_path):
 def test_tokenizer_failure_marks_only_that_row(models, hf, monkeypatch):
     """Stages are plain classes: a tokenizer that fails on one text of a batch marks that row only, and
     the rest of the batch still gets HF's predictions (classification and entities)."""
-    monkeypatch.setattr("pipeline.stages.infer._assigned_resources", dict)  # no Ray in this test
+    monkeypatch.setattr("bertpipe.stages.infer._assigned_resources", dict)  # no Ray in this test
     monkeypatch.setattr("torch.set_num_threads", lambda n: None)  # keep this process's threads as they are
     cfg = JobConfig.model_validate(base_config(Path("unused"), Path("unused"), models))
     _, model_tasks, groups = plan_models(cfg)

@@ -16,7 +16,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_DEDUP_LOGS": "0"}
 
 def bertpipe(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, env=ENV
+        [sys.executable, "-m", "bertpipe", *args], capture_output=True, text=True, timeout=timeout, env=ENV
     )
 
 

@@ -26,9 +26,9 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 from conftest import STRIDE, WINDOW, free_ports, make_texts, write_config, write_shards
-from transformers import pipeline as hf_pipeline
+from transformers import bertpipe as hf_pipeline
 
-from pipeline.tasks.sentiment import _auto_label
+from bertpipe.tasks.sentiment import _auto_label
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import vocab
-from pipeline.demo.datagen import (
+from bertpipe.demo import vocab
+from bertpipe.demo.datagen import (
     CORPUS_SOURCES,
     NER_LABELS,
     SENTIMENT_LABELS,
@@ -191,7 +191,7 @@ def test_cli_writes_identical_files(tmp_path, capsys):
     # A fresh interpreter with another hash seed must produce the same bytes (no set-order leaks).
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run(
-        [sys.executable, "-m", "pipeline.demo.datagen", "--out", str(second)],
+        [sys.executable, "-m", "bertpipe.demo.datagen", "--out", str(second)],
         cwd=REPO,
         env=env,
         check=True,

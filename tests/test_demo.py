@@ -11,14 +11,14 @@ import sys
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline.demo import datagen
+from bertpipe.demo import datagen
 
 pytestmark = pytest.mark.slow
 
 
 def test_quick_demo_output_is_complete(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "demo", "--quick", "--workdir", str(tmp_path)],
+        [sys.executable, "-m", "bertpipe", "demo", "--quick", "--workdir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=1500,

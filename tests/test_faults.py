@@ -18,13 +18,13 @@ import pytest
 from conftest import base_config, make_texts, write_config, write_shards
 from ray import cloudpickle
 
-from pipeline.config import ConfigError, JobConfig
-from pipeline.io import writer
-from pipeline.io.state import OutputLock
-from pipeline.io.writer import OutputLocation
-from pipeline.runner import execute
-from pipeline.stages import infer
-from pipeline.stages.infer import InferStage
+from bertpipe.config import ConfigError, JobConfig
+from bertpipe.io import writer
+from bertpipe.io.state import OutputLock
+from bertpipe.io.writer import OutputLocation
+from bertpipe.runner import execute
+from bertpipe.stages import infer
+from bertpipe.stages.infer import InferStage
 
 pytestmark = pytest.mark.slow
 COMPARED = ("topic_label", "topic_score", "sentiment_label", "sentiment_score", "entities", "_error")
@@ -115,7 +115,7 @@ def test_killed_driver_leaves_no_output_and_resume_finishes(reference, fault_cor
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(path)],
+        [sys.executable, "-m", "bertpipe", "run", str(path)],
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -138,7 +138,7 @@ def test_killed_driver_leaves_no_output_and_resume_finishes(reference, fault_cor
     assert committed, "no checkpoint was committed before the kill"
     shutil.copy(committed[0], committed[0].with_name(committed[0].stem + ".pending.parquet"))
     resumed = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(path), "--set", "output.mode=resume"],
+        [sys.executable, "-m", "bertpipe", "run", str(path), "--set", "output.mode=resume"],
         capture_output=True,
         text=True,
         timeout=600,

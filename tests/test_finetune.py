@@ -14,11 +14,11 @@ import torch
 from tiny_models import NER_LABELS, build_sequence_classifier, build_token_classifier, tiny_tokenizer
 from transformers import BertForSequenceClassification, pipeline
 
-from pipeline.config import ConfigError, TaskKind
-from pipeline.train import FinetuneConfig, load_finetune_config, run_finetune
-from pipeline.train.data import LabelledRows, encode, read_labelled, resolve_labels, spans_to_bio
-from pipeline.train.metrics import bio_entities, classification_metrics, entity_metrics
-from pipeline.train.trainer import _load_model
+from bertpipe.config import ConfigError, TaskKind
+from bertpipe.train import FinetuneConfig, load_finetune_config, run_finetune
+from bertpipe.train.data import LabelledRows, encode, read_labelled, resolve_labels, spans_to_bio
+from bertpipe.train.metrics import bio_entities, classification_metrics, entity_metrics
+from bertpipe.train.trainer import _load_model
 
 TOPICS = {
     "sports": ["football", "goal", "match", "coach", "league", "tennis"],

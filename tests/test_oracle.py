@@ -6,11 +6,11 @@ import duckdb
 import pyarrow.dataset as pads
 import pytest
 from conftest import STRIDE, WINDOW, base_config
-from transformers import pipeline as hf_pipeline
+from transformers import bertpipe as hf_pipeline
 
-from pipeline.config import JobConfig
-from pipeline.runner import execute
-from pipeline.tasks.sentiment import _auto_label
+from bertpipe.config import JobConfig
+from bertpipe.runner import execute
+from bertpipe.tasks.sentiment import _auto_label
 
 STRATEGIES = ["none", "simple", "first", "average", "max"]
 

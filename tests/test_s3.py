@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import STRIDE, WINDOW, free_ports, make_texts, write_config, write_shards
 
-from pipeline.io.paths import redact_options
-from pipeline.io.writer import OutputLocation, publish
+from bertpipe.io.paths import redact_options
+from bertpipe.io.writer import OutputLocation, publish
 
 KEY, SECRET, REGION = "AKIDBERTPIPETEST", "bertpipe-s3-secret-3c9a51f07e", "us-east-1"
 SOURCES = ["news", "reviews", "forum"]
@@ -135,7 +135,7 @@ def cli_env(**aws: str) -> dict[str, str]:
 def run_cli(config: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     """``bertpipe run -v`` in a subprocess with its own local Ray."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", str(config), "-v", *args],
+        [sys.executable, "-m", "bertpipe", "run", str(config), "-v", *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -194,7 +194,7 @@ def test_storage_options_and_resume(tmp_path, s3, bucket, rows, models):
     log = tmp_path / "killed.log"
     with log.open("wb") as fh:
         driver = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "run", str(config), "-v"],
+            [sys.executable, "-m", "bertpipe", "run", str(config), "-v"],
             stdout=fh,
             stderr=subprocess.STDOUT,
             env=cli_env(),
@@ -309,7 +309,7 @@ def test_every_credential_option_is_redacted():
 def test_listings_are_not_cached_while_other_processes_write(s3, bucket):
     """Ray's workers write staged files and its cleanup task deletes checkpoint files from other
     processes: the output's filesystem must list what is there now, not what it saw before."""
-    from pipeline.io.writer import data_files
+    from bertpipe.io.writer import data_files
 
     location = OutputLocation.from_url(f"s3://{bucket}/listing/out", s3.storage_options())
     _stage(location, {"1.parquet": ["a"]})

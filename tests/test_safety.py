@@ -10,10 +10,10 @@ import pytest
 from conftest import base_config, write_shards
 from tiny_models import build_sequence_classifier
 
-from pipeline.config import ConfigError, JobConfig, TaskConfig
-from pipeline.io.partitions import MAX_ENCODED_BYTES, safe_partition_value
-from pipeline.models.loading import inspect_model
-from pipeline.runner import execute
+from bertpipe.config import ConfigError, JobConfig, TaskConfig
+from bertpipe.io.partitions import MAX_ENCODED_BYTES, safe_partition_value
+from bertpipe.models.loading import inspect_model
+from bertpipe.runner import execute
 
 
 def test_pickle_only_weights_are_refused_with_the_way_to_allow_them(tmp_path):

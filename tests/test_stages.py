@@ -12,12 +12,12 @@ import torch
 from conftest import make_texts
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from pipeline import columns as C
-from pipeline.config import RuntimeConfig, TaskConfig
-from pipeline.models.loading import inspect_model
-from pipeline.stages.infer import InferStage, ModelTask, plan_batches
-from pipeline.stages.postprocess import PostprocessStage
-from pipeline.stages.prepare import PrepareStage, TokenizerGroup
+from bertpipe import columns as C
+from bertpipe.config import RuntimeConfig, TaskConfig
+from bertpipe.models.loading import inspect_model
+from bertpipe.stages.infer import InferStage, ModelTask, plan_batches
+from bertpipe.stages.postprocess import PostprocessStage
+from bertpipe.stages.prepare import PrepareStage, TokenizerGroup
 
 
 def test_plan_batches_respects_the_budget_and_covers_every_row():
@@ -95,10 +95,10 @@ def test_long_text_chunk_pools_window_scores(models):
 
 @pytest.fixture
 def pipeline_log(caplog):
-    """caplog for the ``pipeline`` logger, which does not propagate once a stage has configured it."""
-    logger = logging.getLogger("pipeline")
+    """caplog for the ``bertpipe`` logger, which does not propagate once a stage has configured it."""
+    logger = logging.getLogger("bertpipe")
     logger.addHandler(caplog.handler)
-    with caplog.at_level(logging.INFO, logger="pipeline"):
+    with caplog.at_level(logging.INFO, logger="bertpipe"):
         yield caplog
     logger.removeHandler(caplog.handler)
 
@@ -173,7 +173,7 @@ def test_out_of_memory_batch_is_split_and_budget_remembered(models, monkeypatch)
 
 
 def test_a_span_failure_marks_only_its_row(models, monkeypatch):
-    from pipeline.tasks import ner
+    from bertpipe.tasks import ner
 
     real = ner.NerPostprocess.row_entities
 
@@ -193,8 +193,8 @@ def test_a_span_failure_marks_only_its_row(models, monkeypatch):
 def test_tasks_with_the_same_tokenizer_share_one_tokenisation(models, tmp_path):
     from tiny_models import build_sequence_classifier
 
-    from pipeline.config import JobConfig
-    from pipeline.runner import plan_models
+    from bertpipe.config import JobConfig
+    from bertpipe.runner import plan_models
 
     other = build_sequence_classifier(tmp_path / "other", ["a", "b"], model_max_length=64)
     tokenizer = AutoTokenizer.from_pretrained(other)
@@ -236,7 +236,7 @@ class _FirstTwoWindows:
 
 def test_a_tokenizer_that_drops_windows_is_refused_before_the_run(models, monkeypatch):
     """The driver probes every windowing tokenizer: a text must be covered to its last character."""
-    import pipeline.models.loading as loading
+    import bertpipe.models.loading as loading
 
     tok = AutoTokenizer.from_pretrained(models["ner"])
     assert loading.windows_problem(tok) is None
@@ -253,7 +253,7 @@ def test_a_tokenizer_that_drops_windows_is_refused_before_the_run(models, monkey
 
 def test_the_model_stage_returns_freed_heap_memory_after_each_block(models, monkeypatch):
     """Without a trim glibc keeps the freed activations of every block shape (benchmarks: 1.5x PSS)."""
-    import pipeline.stages.infer as infer
+    import bertpipe.stages.infer as infer
 
     if infer._malloc_trim() is None:
         pytest.skip("not glibc")

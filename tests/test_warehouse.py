@@ -12,12 +12,12 @@ import pyarrow as pa
 import pytest
 import ray
 from conftest import STRIDE, WINDOW, base_config, make_texts, write_shards
-from transformers import pipeline as hf_pipeline
+from transformers import bertpipe as hf_pipeline
 
-from pipeline.config import ConfigError, JobConfig
-from pipeline.io.warehouse import check_target, conform, table_schema, write_table
-from pipeline.runner import build_dataset, execute, inspect_locally, plan, verify_counts
-from pipeline.tasks.sentiment import _auto_label
+from bertpipe.config import ConfigError, JobConfig
+from bertpipe.io.warehouse import check_target, conform, table_schema, write_table
+from bertpipe.runner import build_dataset, execute, inspect_locally, plan, verify_counts
+from bertpipe.tasks.sentiment import _auto_label
 
 pytestmark = pytest.mark.slow
 

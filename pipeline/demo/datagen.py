@@ -6,7 +6,7 @@ words, negation and contrast, not sentence shapes. Every generator owns a ``rand
 its name and the seed, and Faker instances are seeded per instance, so output depends only on the
 arguments (no global random state).
 
-CLI: ``python -m pipeline.demo.datagen --out DIR [--seed 0]`` writes sentiment/topic/ner JSONL files.
+CLI: ``python -m bertpipe.demo.datagen --out DIR [--seed 0]`` writes sentiment/topic/ner JSONL files.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from faker import Faker
 
-from pipeline.demo import vocab as V
+from bertpipe.demo import vocab as V
 
 SENTIMENT_LABELS = ("positive", "negative")
 TOPIC_LABELS = ("business", "sports", "science_tech", "world")
@@ -591,7 +591,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.demo.datagen", description="Write the demo training sets as JSONL files."
+        prog="python -m bertpipe.demo.datagen", description="Write the demo training sets as JSONL files."
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0, help="same seed gives byte-identical files")

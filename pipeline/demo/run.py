@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.demo import datagen
+from bertpipe.demo import datagen
 
 CORPUS_SHARDS = 6  # four Parquet, two JSONL
 
@@ -61,8 +61,8 @@ def train_models(
     workdir: Path, max_steps: int | None, progress: Callable[[str, dict], None]
 ) -> dict[str, Path]:
     """Fine-tune (or reuse) each demo model; returns task -> model folder."""
-    from pipeline.train.config import FinetuneConfig
-    from pipeline.train.trainer import run_finetune
+    from bertpipe.train.config import FinetuneConfig
+    from bertpipe.train.trainer import run_finetune
 
     folders = {}
     for recipe in RECIPES:

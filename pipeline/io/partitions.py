@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
-from pipeline import columns as C
+from bertpipe import columns as C
 
 MAX_ENCODED_BYTES = 200
 

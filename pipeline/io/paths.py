@@ -12,7 +12,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from pipeline.config import ConfigError, InputFormat
+from bertpipe.config import ConfigError, InputFormat
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".json", ".json.gz")

@@ -25,9 +25,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
-from pipeline import columns as C
-from pipeline.config import ConfigError
-from pipeline.io.paths import Shard, redact
+from bertpipe import columns as C
+from bertpipe.config import ConfigError
+from bertpipe.io.paths import Shard, redact
 
 
 @dataclass

@@ -22,9 +22,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.config import ConfigError, JobConfig
-from pipeline.io.paths import Shard, redact
-from pipeline.io.writer import OutputLocation, write_json
+from bertpipe.config import ConfigError, JobConfig
+from bertpipe.io.paths import Shard, redact
+from bertpipe.io.writer import OutputLocation, write_json
 
 INTENT = "_intent.json"
 LEDGER = posixpath.join("_state", "ledger.json")

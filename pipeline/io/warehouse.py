@@ -43,15 +43,15 @@ from fsspec.utils import get_protocol
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import Datasink, WriteResult
 
-from pipeline import columns as C
-from pipeline.config import ConfigError, OutputConfig
-from pipeline.io.paths import redact
-from pipeline.io.reader import TEXT_PROBLEM
-from pipeline.io.writer import WriteStats
-from pipeline.stages.postprocess import output_fields
+from bertpipe import columns as C
+from bertpipe.config import ConfigError, OutputConfig
+from bertpipe.io.paths import redact
+from bertpipe.io.reader import TEXT_PROBLEM
+from bertpipe.io.writer import WriteStats
+from bertpipe.stages.postprocess import output_fields
 
 if TYPE_CHECKING:
-    from pipeline.runner import Plan
+    from bertpipe.runner import Plan
 
 TABLE_FORMATS = ("iceberg", "delta")
 DEFAULT_TABLE = "bertpipe.enriched"

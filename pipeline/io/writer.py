@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from pipeline import columns as C
-from pipeline.config import ConfigError
+from bertpipe import columns as C
+from bertpipe.config import ConfigError
 
 SUCCESS = "_SUCCESS"
 RUNS = "_runs"

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import ConfigError, TaskConfig, TaskKind
+from bertpipe.config import ConfigError, TaskConfig, TaskKind
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import columns as C
-from pipeline.config import RuntimeConfig, TaskConfig, TaskKind
-from pipeline.logs import configure_worker_logging
-from pipeline.models.loading import ModelInfo, load_model, resolve_device, resolve_dtype
+from bertpipe import columns as C
+from bertpipe.config import RuntimeConfig, TaskConfig, TaskKind
+from bertpipe.logs import configure_worker_logging
+from bertpipe.models.loading import ModelInfo, load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 

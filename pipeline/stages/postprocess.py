@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline import columns as C
-from pipeline.config import TaskKind
-from pipeline.models.loading import load_tokenizer
-from pipeline.stages.infer import ModelTask
-from pipeline.tasks import classification, ner
+from bertpipe import columns as C
+from bertpipe.config import TaskKind
+from bertpipe.models.loading import load_tokenizer
+from bertpipe.stages.infer import ModelTask
+from bertpipe.tasks import classification, ner
 
 
 def output_fields(model_tasks: list[ModelTask]) -> list[pa.Field]:

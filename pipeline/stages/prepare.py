@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import columns as C
+from bertpipe import columns as C
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline import columns as C
-from pipeline.config import TaskConfig, TaskKind
-from pipeline.models.loading import ModelInfo
-from pipeline.tasks.sentiment import sentiment_label_map
+from bertpipe import columns as C
+from bertpipe.config import TaskConfig, TaskKind
+from bertpipe.models.loading import ModelInfo
+from bertpipe.tasks.sentiment import sentiment_label_map
 
 TOP_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
 

@@ -17,8 +17,8 @@ import torch
 from transformers import TokenClassificationPipeline
 from transformers.pipelines import AggregationStrategy
 
-from pipeline.config import TaskConfig
-from pipeline.models.loading import ModelInfo
+from bertpipe.config import TaskConfig
+from bertpipe.models.loading import ModelInfo
 
 ENTITY_TYPE = pa.list_(
     pa.struct(

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import re
 
-from pipeline.config import ConfigError, TaskConfig
-from pipeline.models.loading import ModelInfo
+from bertpipe.config import ConfigError, TaskConfig
+from bertpipe.models.loading import ModelInfo
 
 _NAMED = {
     "positive": "positive", "pos": "positive", "good": "positive",

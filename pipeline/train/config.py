@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from pipeline.config import InputFormat, TaskKind, _Strict, load_yaml_as
+from bertpipe.config import InputFormat, TaskKind, _Strict, load_yaml_as
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
 _SENTIMENT_ALIASES = {"pos": "positive", "neg": "negative", "neu": "neutral"}

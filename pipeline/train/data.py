@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, InputFormat, TaskKind
-from pipeline.train.config import SENTIMENT_LABELS, FinetuneConfig, normalise_sentiment
+from bertpipe.config import ConfigError, InputFormat, TaskKind
+from bertpipe.train.config import SENTIMENT_LABELS, FinetuneConfig, normalise_sentiment
 
 IGNORE_INDEX = -100
 _SUFFIXES = {

@@ -47,9 +47,9 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-from pipeline.config import ConfigError, TaskKind
-from pipeline.train.config import FinetuneConfig, normalise_sentiment
-from pipeline.train.data import (
+from bertpipe.config import ConfigError, TaskKind
+from bertpipe.train.config import FinetuneConfig, normalise_sentiment
+from bertpipe.train.data import (
     IGNORE_INDEX,
     encode,
     read_labelled,
@@ -57,7 +57,7 @@ from pipeline.train.data import (
     split_indices,
     take,
 )
-from pipeline.train.metrics import classification_metrics, entity_metrics
+from bertpipe.train.metrics import classification_metrics, entity_metrics
 
 Progress = Callable[[dict[str, Any]], None]
 _STEP_EVENT_SECONDS = 0.5
