@@ -5,7 +5,6 @@ The names here are the user-facing contract (see README "Config reference").
 
 from __future__ import annotations
 
-import re
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -13,11 +12,10 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bertpipe.errors import ConfigError
+from bertpipe.tasks import KINDS, TaskConfig
+
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-class ConfigError(Exception):
-    """A config, input or model problem reported to the user as one line, before any output exists."""
 
 
 class _Strict(BaseModel):
@@ -64,47 +62,6 @@ class OutputConfig(_Strict):
     catalog: dict[str, Any] = Field(default_factory=dict)
 
 
-class TaskKind(str, Enum):
-    classification = "classification"
-    sentiment = "sentiment"
-    ner = "ner"
-
-
-class Aggregation(str, Enum):
-    """Same strategies as ``transformers.pipelines.AggregationStrategy``."""
-
-    none = "none"
-    simple = "simple"
-    first = "first"
-    average = "average"
-    max = "max"
-
-
-_TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
-
-
-class TaskConfig(_Strict):
-    name: str
-    kind: TaskKind
-    model: str
-    revision: str | None = None
-    top_k: int = Field(default=1, ge=1)
-    function_to_apply: Literal["default", "softmax", "sigmoid", "none"] = "default"
-    labels: dict[str, Literal["positive", "negative", "neutral"]] | None = None
-    aggregation: Aggregation = Aggregation.simple
-    long_text: Literal["truncate", "chunk"] = "truncate"
-    chunk_pooling: Literal["mean", "max"] = "mean"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _name_is_a_column_prefix(cls, value: str) -> str:
-        if not _TASK_NAME.match(value):
-            raise ValueError("must be lower_snake_case (a-z, 0-9, _), start with a letter, at most 41 chars")
-        return value
-
-
 class RuntimeConfig(_Strict):
     address: str | None = None
     local_cpus: int | None = Field(default=None, ge=1)  # only when starting a local Ray (address null)
@@ -146,7 +103,7 @@ class RuntimeConfig(_Strict):
 class JobConfig(_Strict):
     input: InputConfig
     output: OutputConfig
-    tasks: list[TaskConfig] = Field(min_length=1)
+    tasks: list[TaskConfig] = Field(min_length=1)  # one config class per kind, see bertpipe.tasks
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     @model_validator(mode="after")
@@ -192,7 +149,10 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     """One line per problem, each naming the dotted key, e.g. ``tasks.1.kind: Input should be ...``."""
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        # pydantic puts the chosen kind into the location of a task's keys (tasks.0.ner.aggregation)
+        loc = err["loc"]
+        loc = [p for i, p in enumerate(loc) if not (p in KINDS and i and isinstance(loc[i - 1], int))]
+        key = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

@@ -1,23 +1,32 @@
-"""Text classification postprocess: logits -> label, score and top-k, as ``TextClassificationPipeline``.
+"""``kind: classification``: logits -> label, score and top-k, as ``TextClassificationPipeline`` does.
 
-Also pools the windows of a long text (``long_text: chunk``): each window is scored on its own, then
-the per-window probabilities are averaged (or max-pooled) so a verdict in the last paragraph counts.
+Long texts (``long_text: chunk``) are scored window by window, and the per-window probabilities are
+averaged (or max-pooled), so a verdict in the last paragraph counts.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import pyarrow as pa
+from pydantic import Field
 
 from bertpipe import columns as C
-from bertpipe.config import TaskConfig, TaskKind
-from bertpipe.models.loading import ModelInfo
-from bertpipe.tasks.sentiment import sentiment_label_map
+from bertpipe.tasks.base import Kind, Postprocessor, TaskBase, TaskBatch
 
 TOP_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
 
 
-def activation(task: TaskConfig, info: ModelInfo) -> str:
+class ClassificationTask(TaskBase):
+    kind: Literal["classification"] = "classification"
+    top_k: int = Field(default=1, ge=1)
+    function_to_apply: Literal["default", "softmax", "sigmoid", "none"] = "default"
+    long_text: Literal["truncate", "chunk"] = "truncate"
+    chunk_pooling: Literal["mean", "max"] = "mean"
+
+
+def activation(task: ClassificationTask, info) -> str:
     """The function HF applies by default: sigmoid for multi-label or 1-label models, else softmax."""
     if task.function_to_apply != "default":
         return task.function_to_apply
@@ -38,28 +47,24 @@ def apply_activation(logits: np.ndarray, function: str) -> np.ndarray:
     return logits
 
 
-def output_fields(task: TaskConfig) -> list[pa.Field]:
-    fields = [pa.field(C.label(task.name), pa.string()), pa.field(C.score(task.name), pa.float32())]
-    if task.top_k > 1:
-        fields.append(pa.field(C.top(task.name), TOP_TYPE))
-    return fields
+class ClassificationPostprocess(Postprocessor):
+    """Turns ``__logits_{task}`` (per row: windows x labels) into the task's output columns.
 
+    ``label_map`` renames the model's labels in ``{task}_label`` (sentiment); ``{task}_top`` keeps them.
+    """
 
-class ClassificationPostprocess:
-    """Turns ``__logits_{task}`` (per row: windows x labels) into the task's output columns."""
-
-    def __init__(self, task: TaskConfig, info: ModelInfo):
+    def __init__(self, task: ClassificationTask, info, label_map: dict[str, str] | None = None):
+        super().__init__()
         self.task = task
         self.function = activation(task, info)
         self.labels = np.array([info.id2label[i] for i in range(info.num_labels)], dtype=object)
-        self.label_map = sentiment_label_map(task, info) if task.kind == TaskKind.sentiment else None
+        self.label_map = label_map
 
-    def __call__(self, window_logits: pa.ListArray) -> dict[str, pa.Array]:
-        """``window_logits``: list<list<float32>> per row, empty for rows with an error."""
+    def __call__(self, batch: TaskBatch) -> dict[str, pa.Array]:
+        window_logits = batch.logits  # list<list<float32>> per row, empty for rows with an error
         n_rows = len(window_logits)
         windows_per_row = np.diff(window_logits.offsets.to_numpy()) if n_rows else np.zeros(0, np.int64)
-        windows = window_logits.flatten()
-        flat = windows.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        flat = window_logits.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         num_labels = len(self.labels)
         scores = apply_activation(flat.reshape(-1, num_labels), self.function)
 
@@ -92,3 +97,24 @@ class ClassificationPostprocess:
             ]
             out[C.top(self.task.name)] = pa.array(tops, TOP_TYPE)
         return out
+
+
+class Classification(Kind):
+    name = "classification"
+    config = ClassificationTask
+    auto_model = "AutoModelForSequenceClassification"
+
+    def all_windows(self, task: ClassificationTask) -> bool:
+        return task.long_text == "chunk"
+
+    def output_fields(self, task: ClassificationTask) -> list[pa.Field]:
+        fields = [pa.field(C.label(task.name), pa.string()), pa.field(C.score(task.name), pa.float32())]
+        if task.top_k > 1:
+            fields.append(pa.field(C.top(task.name), TOP_TYPE))
+        return fields
+
+    def postprocessor(self, task: ClassificationTask, info, tokenizer) -> Postprocessor:
+        return ClassificationPostprocess(task, info)
+
+
+KIND = Classification()

@@ -1,24 +1,22 @@
-"""Named entities: per-token logits of every window -> entity spans with character offsets.
+"""``kind: ner``: per-token logits of every window -> entity spans with character offsets.
 
 The span logic (sub-word fusion, the ``simple/first/average/max`` strategies, merging the entities of
-overlapping windows) is HF's own: ``_SpanAssembler`` drives ``TokenClassificationPipeline.postprocess``
+overlapping windows) is HF's own: the postprocessor drives ``TokenClassificationPipeline.postprocess``
 with logits computed by our batched model stage, so results equal ``pipeline("ner", stride=...)`` by
-construction. Only ``tokenizer`` and ``id2label`` are needed, so no model is loaded in this CPU stage.
+construction. Only the tokenizer and ``id2label`` are needed, so no model is loaded in this CPU stage.
 """
 
 from __future__ import annotations
 
 import warnings
+from enum import Enum
 from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
-from transformers import TokenClassificationPipeline
-from transformers.pipelines import AggregationStrategy
 
-from bertpipe.config import TaskConfig
-from bertpipe.models.loading import ModelInfo
+from bertpipe.tasks.base import Kind, Postprocessor, TaskBase, TaskBatch
 
 ENTITY_TYPE = pa.list_(
     pa.struct(
@@ -33,31 +31,50 @@ ENTITY_TYPE = pa.list_(
 )
 
 
-def output_fields(task: TaskConfig) -> list[pa.Field]:
-    return [pa.field(task.name, ENTITY_TYPE)]
+class Aggregation(str, Enum):
+    """Same strategies as ``transformers.pipelines.AggregationStrategy``."""
+
+    none = "none"
+    simple = "simple"
+    first = "first"
+    average = "average"
+    max = "max"
 
 
-class _SpanAssembler(TokenClassificationPipeline):
-    """HF's token-classification postprocess without a model: it only reads the tokenizer and id2label."""
+class NerTask(TaskBase):
+    kind: Literal["ner"] = "ner"
+    aggregation: Aggregation = Aggregation.simple
 
-    def __init__(self, tokenizer, id2label: dict[int, str]):  # noqa: D107 - deliberately skips Pipeline init
-        self.tokenizer = tokenizer
-        self.model = SimpleNamespace(config=SimpleNamespace(id2label=id2label))
+
+def _span_assembler(tokenizer, id2label: dict[int, str]):
+    """HF's token-classification postprocess without a model: it only reads the tokenizer and id2label.
+
+    Built here, not at import, so that planning never imports torch through transformers' pipelines."""
+    from transformers import TokenClassificationPipeline
+
+    class SpanAssembler(TokenClassificationPipeline):
+        def __init__(self):  # deliberately skips Pipeline.__init__, which would want a model
+            self.tokenizer = tokenizer
+            self.model = SimpleNamespace(config=SimpleNamespace(id2label=id2label))
+
+    return SpanAssembler()
 
 
 def _ragged(list_array: pa.ListArray) -> tuple[np.ndarray, pa.Array]:
     return list_array.offsets.to_numpy(), list_array.flatten()
 
 
-class NerPostprocess:
-    def __init__(self, task: TaskConfig, info: ModelInfo, tokenizer):
+class NerPostprocess(Postprocessor):
+    def __init__(self, task: NerTask, info, tokenizer):
+        from transformers.pipelines import AggregationStrategy
+
+        super().__init__()
         self.task = task
         self.num_labels = info.num_labels
         self.strategy = AggregationStrategy(task.aggregation.value)
-        self.assembler = _SpanAssembler(tokenizer, info.id2label)
-        self.failures: dict[int, str] = {}  # row -> reason, for the batch being processed
+        self.assembler = _span_assembler(tokenizer, info.id2label)
 
-    def row_entities(self, text: str, windows: list[dict]) -> list[dict]:
+    def row_entities(self, windows: list[dict]) -> list[dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             entities = self.assembler.postprocess(windows, aggregation_strategy=self.strategy)
@@ -72,15 +89,12 @@ class NerPostprocess:
             for e in entities
         ]
 
-    def __call__(
-        self,
-        texts: list,
-        ids: pa.ListArray,
-        offsets: pa.ListArray,
-        special: pa.ListArray,
-        logits: pa.ListArray,
-    ) -> dict[str, pa.Array]:
+    def __call__(self, batch: TaskBatch) -> dict[str, pa.Array]:
         """Per row: windows of token ids/offsets/special mask (prepare stage) and logits (model stage)."""
+        import torch
+
+        ids, offsets, special = batch.tokens()
+        logits = batch.logits
         row_off, _ = _ragged(logits)
         win_ids_off, ids_flat = _ragged(ids.flatten())
         _, offsets_flat = _ragged(offsets.flatten())
@@ -94,11 +108,12 @@ class NerPostprocess:
 
         results = []
         self.failures = {}
-        for row, text in enumerate(texts):
+        for row in range(len(logits)):
             first, last = row_off[row], row_off[row + 1]
             if first == last:
                 results.append(None)
                 continue
+            text = batch.texts[row]
             windows = []
             for w in range(first, last):
                 # Token arrays of window w are aligned across ids, offsets, special mask and logits.
@@ -114,8 +129,31 @@ class NerPostprocess:
                 )
             assert ids_win_starts[row] == first, "window lists of ids and logits are misaligned"
             try:
-                results.append(self.row_entities(text, windows))
+                results.append(self.row_entities(windows))
             except Exception as exc:  # noqa: BLE001 - one odd row must not fail the batch
                 results.append(None)
                 self.failures[row] = f"{self.task.name} spans failed: {type(exc).__name__}"
         return {self.task.name: pa.array(results, ENTITY_TYPE)}
+
+
+class Ner(Kind):
+    name = "ner"
+    config = NerTask
+    auto_model = "AutoModelForTokenClassification"
+    token_level = True
+    train_metric = "val_entity_f1"
+
+    def all_windows(self, task: NerTask) -> bool:
+        return True
+
+    def offsets(self, task: NerTask) -> bool:
+        return True
+
+    def output_fields(self, task: NerTask) -> list[pa.Field]:
+        return [pa.field(task.name, ENTITY_TYPE)]
+
+    def postprocessor(self, task: NerTask, info, tokenizer) -> Postprocessor:
+        return NerPostprocess(task, info, tokenizer())
+
+
+KIND = Ner()

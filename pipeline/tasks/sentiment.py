@@ -1,4 +1,4 @@
-"""Sentiment: a classification whose labels are normalised to positive / negative / neutral.
+"""``kind: sentiment``: a classification whose labels are normalised to positive / negative / neutral.
 
 Models name their classes in many ways (``POSITIVE``, ``LABEL_1`` of two, ``5 stars``, ``neu``). The
 mapping is decided once at start-up from ``id2label``; a model whose labels cannot be mapped is a config
@@ -8,10 +8,13 @@ error (set ``labels:`` on the task), never a guess.
 from __future__ import annotations
 
 import re
+from typing import Literal
 
-from bertpipe.config import ConfigError, TaskConfig
-from bertpipe.models.loading import ModelInfo
+from bertpipe.errors import ConfigError
+from bertpipe.tasks.base import Postprocessor
+from bertpipe.tasks.classification import Classification, ClassificationPostprocess, ClassificationTask
 
+SENTIMENT_LABELS = ("negative", "neutral", "positive")
 _NAMED = {
     "positive": "positive", "pos": "positive", "good": "positive",
     "negative": "negative", "neg": "negative", "bad": "negative",
@@ -19,6 +22,11 @@ _NAMED = {
 }  # fmt: skip
 _STARS = re.compile(r"^\s*([1-5])\s*stars?\s*$", re.IGNORECASE)
 _GENERIC = re.compile(r"^LABEL_(\d+)$")
+
+
+class SentimentTask(ClassificationTask):
+    kind: Literal["sentiment"] = "sentiment"
+    labels: dict[str, Literal["positive", "negative", "neutral"]] | None = None
 
 
 def _generic_map(labels: list[str]) -> dict[str, str] | None:
@@ -34,7 +42,8 @@ def _generic_map(labels: list[str]) -> dict[str, str] | None:
     return None
 
 
-def _auto_label(label: str) -> str | None:
+def normalise_sentiment_label(label: str) -> str | None:
+    """positive / negative / neutral for a label that names one (``POS``, ``Negative``, ``4 stars``)."""
     named = _NAMED.get(label.strip().lower())
     if named:
         return named
@@ -44,15 +53,15 @@ def _auto_label(label: str) -> str | None:
     return None
 
 
-def sentiment_label_map(task: TaskConfig, info: ModelInfo) -> dict[str, str]:
+def sentiment_label_map(task: SentimentTask, info) -> dict[str, str]:
     """Model label -> positive/negative/neutral, or ConfigError naming the labels that cannot be mapped."""
     labels = [info.id2label[i] for i in sorted(info.id2label)]
     mapping = _generic_map(labels) or {}
     for label in labels:
         if task.labels and label in task.labels:
             mapping[label] = task.labels[label]
-        elif label not in mapping and _auto_label(label):
-            mapping[label] = _auto_label(label)
+        elif label not in mapping and normalise_sentiment_label(label):
+            mapping[label] = normalise_sentiment_label(label)
     missing = [label for label in labels if label not in mapping]
     if missing:
         raise ConfigError(
@@ -60,3 +69,21 @@ def sentiment_label_map(task: TaskConfig, info: ModelInfo) -> dict[str, str]:
             f"positive/negative/neutral; add `labels: {{{missing[0]}: positive, ...}}` to the task"
         )
     return mapping
+
+
+class Sentiment(Classification):
+    name = "sentiment"
+    config = SentimentTask
+
+    def check(self, task: SentimentTask, info) -> None:
+        sentiment_label_map(task, info)
+
+    def postprocessor(self, task: SentimentTask, info, tokenizer) -> Postprocessor:
+        return ClassificationPostprocess(task, info, sentiment_label_map(task, info))
+
+    def train_labels(self, labels: list[str]) -> list[str] | None:
+        normalised = [normalise_sentiment_label(label) for label in labels]
+        return None if None in normalised else normalised
+
+
+KIND = Sentiment()

@@ -1,0 +1,119 @@
+"""What every task kind declares, in one place: its config keys, its outputs and what it needs.
+
+A kind is one module in ``bertpipe.tasks`` with a config class (``TaskBase`` plus the kind's own keys)
+and a ``Kind`` object that answers what the rest of the system asks of a task: checks against the
+model, the Arrow fields it writes, whether it needs every window of a long text and character
+offsets, the model class it runs, how logits become outputs, and the head it trains. The registry in
+``bertpipe.tasks`` maps the ``kind:`` string to it, so adding a kind is one file plus its tests.
+
+Nothing here imports torch or Ray: planning (``bertpipe validate``) reads these declarations only.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from bertpipe import columns as C
+
+if TYPE_CHECKING:
+    from bertpipe.models.loading import ModelInfo
+
+_TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
+
+
+class TaskBase(BaseModel):
+    """Keys every task takes; each kind's config class adds its own (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    name: str
+    kind: str
+    model: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_column_prefix(cls, value: str) -> str:
+        if not _TASK_NAME.match(value):
+            raise ValueError("must be lower_snake_case (a-z, 0-9, _), start with a letter, at most 41 chars")
+        return value
+
+
+@dataclass
+class TaskBatch:
+    """What a postprocessor reads of one batch: its task's logits and, on demand, texts and tokens."""
+
+    table: pa.Table
+    task: str
+    group: str  # the tokenizer group whose token columns the task reads
+    text_column: str
+    _texts: list | None = field(default=None, repr=False)
+
+    def column(self, name: str) -> pa.Array:
+        return self.table.column(name).combine_chunks()
+
+    @property
+    def logits(self) -> pa.ListArray:
+        """Per row, per window, the flattened logits (tokens x labels for token tasks)."""
+        return self.column(C.logits(self.task))
+
+    @property
+    def texts(self) -> list:
+        if self._texts is None:
+            self._texts = self.table.column(self.text_column).to_pylist()
+        return self._texts
+
+    def tokens(self) -> tuple[pa.ListArray, pa.ListArray, pa.ListArray]:
+        """Windows of token ids, flattened (start, end) character offsets and special-token masks."""
+        g = self.group
+        return self.column(C.token_ids(g)), self.column(C.token_offsets(g)), self.column(C.special_mask(g))
+
+
+class Postprocessor:
+    """Logits of one task -> its output columns. ``failures`` names rows whose outputs failed."""
+
+    def __init__(self) -> None:
+        self.failures: dict[int, str] = {}
+
+    def __call__(self, batch: TaskBatch) -> dict[str, pa.Array]:
+        raise NotImplementedError
+
+
+class Kind:
+    """The declarations of one task kind. Subclasses set the class attributes and override methods."""
+
+    name: ClassVar[str]
+    config: ClassVar[type[TaskBase]]
+    auto_model: ClassVar[str]  # the transformers Auto class that loads the model, e.g. for its head
+    token_level: ClassVar[bool] = False  # one prediction per token (NER) rather than per text
+    train_metric: ClassVar[str] = "val_macro_f1"  # what fine-tuning keeps the best epoch by
+
+    def check(self, task: TaskBase, info: ModelInfo) -> None:
+        """Checks that need the model's config (its labels); raise ConfigError naming the task."""
+
+    def all_windows(self, task: TaskBase) -> bool:
+        """Every overlapping window of a long text, or only the first (truncation)."""
+        return False
+
+    def offsets(self, task: TaskBase) -> bool:
+        """Character offsets and special-token masks from the tokenizer."""
+        return False
+
+    def output_fields(self, task: TaskBase) -> list[pa.Field]:
+        raise NotImplementedError
+
+    def postprocessor(self, task: TaskBase, info: ModelInfo, tokenizer: Callable[[], Any]) -> Postprocessor:
+        """``tokenizer()`` loads the task's tokenizer, for kinds that need it to read tokens back."""
+        raise NotImplementedError
+
+    def train_labels(self, labels: list[str]) -> list[str] | None:
+        """A base model head's labels as fine-tuning compares them with the data's (None: unusable)."""
+        return labels
