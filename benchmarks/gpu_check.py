@@ -108,10 +108,10 @@ def model_stage(config, sequences: dict[str, list], tokens: int, flops: float, g
     """Only the model: token ids in, logits out, in this process (warmed up first)."""
     import torch
 
-    from bertpipe.runner import plan_models
+    from bertpipe.plan import plan_models
     from bertpipe.stages.infer import InferStage
 
-    _, model_tasks, _ = plan_models(config)
+    model_tasks = plan_models(config.tasks).model_tasks
     stage = InferStage(model_tasks, config.runtime, config.runtime.device)
     names = [mt.task.name for mt in model_tasks]
     for name in names:
@@ -143,7 +143,8 @@ def check(args: argparse.Namespace) -> dict:
     from benchmarks.corpus import Corpus
     from benchmarks.models import build_models
     from benchmarks.ways import HFLabeller, read_predictions
-    from bertpipe.runner import execute, init_ray
+    from bertpipe.engine.cluster import connect
+    from bertpipe.runner import execute
 
     device, shape, n = ("cpu", TINY, 1024) if args.rehearse else ("cuda", BERT_BASE, 8192)
     result: dict = {
@@ -195,9 +196,8 @@ def check(args: argparse.Namespace) -> dict:
 
     for dtype in PRECISIONS:
         config = job(corpus.shards, args.work / f"out-{dtype}", models, dtype, device, args.max_tokens)
-        # Ray first, once, outside the timed runs: InferStage asks Ray what it was given, and that
-        # call would otherwise start a default Ray of its own
-        init_ray(config.runtime)
+        # Ray first, once, outside the timed runs
+        connect(config.runtime.address, local_gpus=config.runtime.local_gpus)
         entry = {"model_stage": model_stage(config, sequences, tokens, flops, gemm)}
         summary = execute(config)
         seconds = summary["seconds"]

@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bertpipe import __version__
 from bertpipe.config import ConfigError, load_config
+from bertpipe.summary import RunSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch BERT labelling on Ray Data.")
 out = Console()
@@ -21,6 +23,22 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: --set output.path=/tmp/out (value parsed as YAML)."),
 ]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"bertpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Batch BERT labelling on Ray Data."""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -40,12 +58,12 @@ def _setup_logging(verbose: bool) -> None:
 @app.command()
 def validate(config: str, set_: SetOption = None) -> None:
     """Check a config, its models and every input file without running the models."""
-    from bertpipe.runner import inspect_locally, plan
+    from bertpipe.plan import plan
 
     _setup_logging(False)
     try:
         cfg = load_config(config, set_ or [])
-        p = plan(cfg, inspect_locally(cfg))
+        p = plan(cfg)
     except ConfigError as exc:
         _fail(str(exc))
     table = Table(title=f"{config}: OK")
@@ -53,8 +71,8 @@ def validate(config: str, set_: SetOption = None) -> None:
     table.add_column("value")
     table.add_row("input files", f"{len(p.good_shards)} ({len(p.skipped)} skipped by policy)")
     table.add_row("rows", str(p.rows_in))
-    table.add_row("tasks", ", ".join(f"{t.name} ({t.kind.value})" for t in cfg.tasks))
-    table.add_row("tokenisations", str(len(p.groups)))
+    table.add_row("tasks", ", ".join(f"{t.name} ({t.kind})" for t in cfg.tasks))
+    table.add_row("tokenisations", str(len(p.models.groups)))
     table.add_row(
         "ids", f"derived into {p.derive_id!r}" if p.derive_id else f"column {cfg.input.id_column!r}"
     )
@@ -68,12 +86,11 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a job: read, label with every task, write partitioned output and a run summary."""
-    from bertpipe.runner import execute
+    from bertpipe.api import run as run_job
 
     _setup_logging(verbose)
     try:
-        cfg = load_config(config, set_ or [])
-        summary = execute(cfg)
+        summary = run_job(config, set_ or [])
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - the CLI turns any failure into one line and a code
@@ -109,24 +126,24 @@ def demo(
     rows: Annotated[int, typer.Option(help="Rows in the sample corpus.")] = 600,
 ) -> None:
     """Offline demo: fine-tune three demo models once (cached), then label a sample corpus with them."""
-    from bertpipe.config import JobConfig, RuntimeConfig
+    from bertpipe.api import run as run_job
     from bertpipe.demo.run import job_config, train_models, write_corpus
-    from bertpipe.runner import execute, init_ray
+    from bertpipe.engine.cluster import connect
 
     _setup_logging(False)
     root = Path(workdir).resolve()
     out.print(f"[bold]bertpipe demo[/bold]: models and data under {root}")
-    init_ray(RuntimeConfig())  # one Ray for the three fine-tunes and the run
+    connect(None)  # one Ray for the three fine-tunes and the run
     try:
         with TrainingProgress() as progress:
             models = train_models(root, 8 if quick else None, progress.update)
         n = write_corpus(root / "demo" / "corpus", 120 if quick else rows)
         out.print(f"sample corpus: {n} rows in {root / 'demo' / 'corpus'}")
-        summary = execute(JobConfig.model_validate(job_config(root, models)))
+        summary = run_job(job_config(root, models))
     except ConfigError as exc:
         _fail(str(exc))
     print_summary(summary)
-    print_examples(Path(summary["config"]["output"]["path"]))
+    print_examples(Path(summary.config["output"]["path"]))
 
 
 class TrainingProgress:
@@ -200,20 +217,20 @@ def print_examples(output: Path, limit: int = 5) -> None:
     out.print(table)
 
 
-def print_summary(summary: dict) -> None:
-    if summary.get("nothing_to_do"):
+def print_summary(summary: RunSummary) -> None:
+    if summary.nothing_to_do:
         out.print("nothing to do: the output already holds every input file")
         return
-    table = Table(title=f"run {summary['run_id']}")
+    table = Table(title=f"run {summary.run_id}")
     table.add_column("what")
     table.add_column("value", justify="right")
     for key in ("rows_in", "rows_out", "rows_ok", "rows_error", "duplicate_ids", "seconds", "rows_per_s"):
-        table.add_row(key, str(summary[key]))
-    for reason, count in sorted(summary["errors_by_reason"].items()):
+        table.add_row(key, str(getattr(summary, key)))
+    for reason, count in sorted(summary.errors_by_reason.items()):
         table.add_row(f"  error: {reason}", str(count))
-    for skipped in summary["skipped_files"]:
+    for skipped in summary.skipped_files:
         table.add_row(f"  skipped: {skipped['file']}", skipped["reason"])
-    table.add_row("output", summary["config"]["output"]["path"])
+    table.add_row("output", summary.config["output"]["path"])
     out.print(table)
 
 

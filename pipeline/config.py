@@ -5,6 +5,7 @@ The names here are the user-facing contract (see README "Config reference").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -152,6 +153,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         # pydantic puts the chosen kind into the location of a task's keys (tasks.0.ner.aggregation)
         loc = err["loc"]
         loc = [p for i, p in enumerate(loc) if not (p in KINDS and i and isinstance(loc[i - 1], int))]
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):  # the kind itself is wrong
+            loc.append("kind")
         key = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -169,5 +172,6 @@ def load_yaml_as(model: type[ModelT], path: str | Path, overrides: list[str] | N
         raise ConfigError(format_validation_error(exc, str(path))) from exc
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    return load_yaml_as(JobConfig, path, overrides)
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
+    """A job config from a YAML file, with ``--set``-style ``key=value`` overrides."""
+    return load_yaml_as(JobConfig, path, list(overrides))

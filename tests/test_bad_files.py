@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from bertpipe.cli import app
 from bertpipe.config import ConfigError, InputFormat
+from bertpipe.engine.data import ShardDatasource
 from bertpipe.io.paths import discover
-from bertpipe.io.reader import ShardDatasource
 
 PARQUET_FOOTER = (
     "unreadable parquet file: Parquet magic bytes not found in footer. "
@@ -248,5 +248,5 @@ def test_validate_lists_what_a_run_would_skip(skip_run, caplog):
     validate, _ = cli("validate", str(config))
     assert validate.exit_code == 0, validate.output
     assert f"2 ({len(BAD_FILES)} skipped by policy)" in validate.stdout
-    warnings = [r.getMessage() for r in caplog.records if r.name == "bertpipe.runner"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "bertpipe.plan"]
     assert sorted(warnings) == sorted(f"skipping bad input file {p}: {r}" for p, r in skipped.items())

@@ -19,7 +19,8 @@ from bertpipe import columns as C
 from bertpipe.cli import app
 from bertpipe.config import JobConfig
 from bertpipe.io.reader import normalise_block
-from bertpipe.runner import execute, plan_models
+from bertpipe.plan import plan_models
+from bertpipe.runner import execute
 from bertpipe.stages.infer import InferStage
 from bertpipe.stages.postprocess import PostprocessStage
 from bertpipe.stages.prepare import PrepareStage
@@ -256,10 +257,10 @@ def test_duplicate_ids_fail_by_policy(ray_session, models, tmp_path):
 def test_tokenizer_failure_marks_only_that_row(models, hf, monkeypatch):
     """Stages are plain classes: a tokenizer that fails on one text of a batch marks that row only, and
     the rest of the batch still gets HF's predictions (classification and entities)."""
-    monkeypatch.setattr("bertpipe.stages.infer._assigned_resources", dict)  # no Ray in this test
     monkeypatch.setattr("torch.set_num_threads", lambda n: None)  # keep this process's threads as they are
     cfg = JobConfig.model_validate(base_config(Path("unused"), Path("unused"), models))
-    _, model_tasks, groups = plan_models(cfg)
+    planned = plan_models(cfg.tasks)
+    model_tasks, groups = planned.model_tasks, planned.groups
     [group] = groups  # the three tiny models share one tokenizer
     prepare = PrepareStage("text", groups, WINDOW, STRIDE, None)
     tokenizer = prepare.tokenizers[group.key]
@@ -290,7 +291,7 @@ def test_tokenizer_failure_marks_only_that_row(models, hf, monkeypatch):
 def test_batch_of_only_bad_rows(models):
     """A batch with no text to tokenise (or whose every text fails) still comes out, every row marked."""
     cfg = JobConfig.model_validate(base_config(Path("unused"), Path("unused"), models))
-    _, _, groups = plan_models(cfg)
+    groups = plan_models(cfg.tasks).groups
     prepare = PrepareStage("text", groups, WINDOW, STRIDE, None)
     batch = pa.table({"text": [None, " ", "x"], C.ERROR: [None, None, "text is not a string (int)"]})
     out = prepare(batch)

@@ -28,7 +28,7 @@ import pytest
 from conftest import STRIDE, WINDOW, free_ports, make_texts, write_config, write_shards
 from transformers import pipeline as hf_pipeline
 
-from bertpipe.tasks.sentiment import _auto_label
+from bertpipe.tasks.sentiment import normalise_sentiment_label
 
 pytestmark = pytest.mark.slow
 
@@ -231,5 +231,5 @@ def test_job_runs_on_the_cluster(cluster, models, tmp_path):
     expected = reference([r["text"] for r in rows], truncation=True, max_length=WINDOW)
     for row, exp in zip(rows, expected, strict=True):
         assert got[row["id"]]["source"] == row["source"]
-        assert got[row["id"]]["sentiment_label"] == _auto_label(exp["label"])
+        assert got[row["id"]]["sentiment_label"] == normalise_sentiment_label(exp["label"])
         assert got[row["id"]]["sentiment_score"] == pytest.approx(exp["score"], abs=1e-4)

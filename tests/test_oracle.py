@@ -10,7 +10,7 @@ from transformers import pipeline as hf_pipeline
 
 from bertpipe.config import JobConfig
 from bertpipe.runner import execute
-from bertpipe.tasks.sentiment import _auto_label
+from bertpipe.tasks.sentiment import normalise_sentiment_label
 
 STRATEGIES = ["none", "simple", "first", "average", "max"]
 
@@ -78,7 +78,7 @@ def test_sentiment_equals_hf_with_normalised_labels(run, models):
     labels = set()
     for row, exp in zip(rows, expected, strict=True):
         got = by_id[row["id"]]
-        assert got["sentiment_label"] == _auto_label(exp["label"])
+        assert got["sentiment_label"] == normalise_sentiment_label(exp["label"])
         assert got["sentiment_score"] == pytest.approx(exp["score"], abs=1e-4)
         labels.add(got["sentiment_label"])
     assert labels == {"positive", "negative"}, "the fixture model should predict both classes"

@@ -10,22 +10,24 @@ import pytest
 from conftest import base_config, write_shards
 from tiny_models import build_sequence_classifier
 
-from bertpipe.config import ConfigError, JobConfig, TaskConfig
+from bertpipe.config import ConfigError, JobConfig
 from bertpipe.io.partitions import MAX_ENCODED_BYTES, safe_partition_value
 from bertpipe.models.loading import inspect_model
 from bertpipe.runner import execute
+from bertpipe.tasks import parse_task
 
 
 def test_pickle_only_weights_are_refused_with_the_way_to_allow_them(tmp_path):
     folder = build_sequence_classifier(tmp_path / "pickled", ["a", "b"], pickle_only=True)
     with pytest.raises(ConfigError, match=r"only pickle weights \(pytorch_model.bin\).*allow_pickle: true"):
-        inspect_model(TaskConfig(name="t", kind="classification", model=str(folder)))
-    info = inspect_model(TaskConfig(name="t", kind="classification", model=str(folder), allow_pickle=True))
+        inspect_model(parse_task(dict(name="t", kind="classification", model=str(folder))))
+    trusted = parse_task(dict(name="t", kind="classification", model=str(folder), allow_pickle=True))
+    info = inspect_model(trusted)
     assert info.weight_files == ("pytorch_model.bin",)
 
 
 def test_remote_code_is_off_by_default():
-    assert TaskConfig(name="t", kind="ner", model="m").trust_remote_code is False
+    assert parse_task(dict(name="t", kind="ner", model="m")).trust_remote_code is False
 
 
 def test_long_partition_values_are_shortened_and_distinct():

@@ -13,11 +13,13 @@ from conftest import make_texts
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from bertpipe import columns as C
-from bertpipe.config import RuntimeConfig, TaskConfig
+from bertpipe.config import RuntimeConfig
 from bertpipe.models.loading import inspect_model
-from bertpipe.stages.infer import InferStage, ModelTask, plan_batches
+from bertpipe.plan import ModelTask, TokenizerGroup, plan_models
+from bertpipe.stages.infer import InferStage, plan_batches
 from bertpipe.stages.postprocess import PostprocessStage
-from bertpipe.stages.prepare import PrepareStage, TokenizerGroup
+from bertpipe.stages.prepare import PrepareStage
+from bertpipe.tasks import parse_task
 
 
 def test_plan_batches_respects_the_budget_and_covers_every_row():
@@ -44,7 +46,7 @@ def test_a_sequence_longer_than_the_budget_gets_its_own_batch():
 
 
 def _task(name, kind, model, **extra) -> ModelTask:
-    task = TaskConfig(name=name, kind=kind, model=str(model), **extra)
+    task = parse_task(dict(name=name, kind=kind, model=str(model), **extra))
     info = inspect_model(task)
     return ModelTask(task, info, info.tokenizer_key)
 
@@ -56,8 +58,8 @@ def _run_stages(model_tasks, texts, runtime: RuntimeConfig) -> pa.Table:
             mt.info.source,
             None,
             False,
-            all_windows=any(m.task.long_text == "chunk" or m.task.kind.value == "ner" for m in model_tasks),
-            offsets=any(m.task.kind.value == "ner" for m in model_tasks),
+            all_windows=any(not m.first_window_only for m in model_tasks),
+            offsets=any(m.task.kind == "ner" for m in model_tasks),
         )
         for mt in model_tasks[:1]
     ]
@@ -194,7 +196,6 @@ def test_tasks_with_the_same_tokenizer_share_one_tokenisation(models, tmp_path):
     from tiny_models import build_sequence_classifier
 
     from bertpipe.config import JobConfig
-    from bertpipe.runner import plan_models
 
     other = build_sequence_classifier(tmp_path / "other", ["a", "b"], model_max_length=64)
     tokenizer = AutoTokenizer.from_pretrained(other)
@@ -212,7 +213,8 @@ def test_tasks_with_the_same_tokenizer_share_one_tokenisation(models, tmp_path):
             ],
         }
     )
-    _, model_tasks, groups = plan_models(cfg)
+    planned = plan_models(cfg.tasks)
+    model_tasks, groups = planned.model_tasks, planned.groups
     assert len(groups) == 2
     shared = {mt.group for mt in model_tasks if mt.task.name != "cased"}
     assert len(shared) == 1 and model_tasks[3].group not in shared
@@ -244,10 +246,10 @@ def test_a_tokenizer_that_drops_windows_is_refused_before_the_run(models, monkey
 
     real_load = loading.load_tokenizer
     monkeypatch.setattr(loading, "load_tokenizer", lambda *a: _FirstTwoWindows(real_load(*a)))
-    ner = TaskConfig(name="entities", kind="ner", model=str(models["ner"]))
+    ner = parse_task(dict(name="entities", kind="ner", model=str(models["ner"])))
     with pytest.raises(loading.ConfigError, match="tokenizer of .* cannot window long texts"):
         loading.inspect_model(ner)
-    topic = TaskConfig(name="topic", kind="classification", model=str(models["topic"]))
+    topic = parse_task(dict(name="topic", kind="classification", model=str(models["topic"])))
     assert inspect_model(topic).task == "topic"  # truncating tasks need one window only
 
 

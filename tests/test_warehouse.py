@@ -1,4 +1,4 @@
-"""Iceberg and Delta outputs: the real pipeline (``plan`` + ``build_dataset``) written with ``write_table``,
+"""Iceberg and Delta outputs: the real pipeline (``plan`` + ``build_dataset``) written by ``TableTarget``,
 read back with pyiceberg / deltalake and DuckDB, and compared with ``transformers.pipeline``.
 
 DuckDB's iceberg and delta extensions are downloaded at run time, which this environment cannot do, so
@@ -6,6 +6,8 @@ DuckDB queries the Arrow tables that pyiceberg and deltalake read (the snapshot'
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import duckdb
 import pyarrow as pa
@@ -15,9 +17,11 @@ from conftest import STRIDE, WINDOW, base_config, make_texts, write_shards
 from transformers import pipeline as hf_pipeline
 
 from bertpipe.config import ConfigError, JobConfig
-from bertpipe.io.warehouse import check_target, conform, table_schema, write_table
-from bertpipe.runner import build_dataset, execute, inspect_locally, plan, verify_counts
-from bertpipe.tasks.sentiment import _auto_label
+from bertpipe.engine.data import build_dataset
+from bertpipe.io.warehouse import check_target, conform, table_schema
+from bertpipe.plan import plan
+from bertpipe.runner import TableTarget, execute, verify_counts
+from bertpipe.tasks.sentiment import normalise_sentiment_label
 
 pytestmark = pytest.mark.slow
 
@@ -42,17 +46,19 @@ def job(small_corpus, models, out, fmt: str, mode: str = "error", **output) -> J
     return JobConfig.model_validate(cfg)
 
 
-def write(cfg: JobConfig, run_id: str, ds=None, verify=None):
-    p = plan(cfg, inspect_locally(cfg))
-    ds = build_dataset(p, "cpu") if ds is None else ds
-    return p, write_table(ds, p, run_id, verify or (lambda stats: verify_counts(p, stats)))
+def write(cfg: JobConfig, run_id: str, ds=None, verify=verify_counts):
+    """The runner's table write: returns the plan and what was committed (stats and table info)."""
+    p = plan(cfg)
+    target = TableTarget(cfg, verify)
+    stats = target.write(lambda: build_dataset(p, "cpu") if ds is None else ds, p, run_id)
+    return p, SimpleNamespace(stats=stats, info=target.info)
 
 
 @pytest.fixture(scope="module")
 def materialized(ray_session, small_corpus, models, tmp_path_factory):
     """The pipeline's output once, for every write but the first Iceberg one (which streams it)."""
     cfg = job(small_corpus, models, tmp_path_factory.mktemp("unused") / "out", "delta")
-    return build_dataset(plan(cfg, inspect_locally(cfg)), "cpu").materialize()
+    return build_dataset(plan(cfg), "cpu").materialize()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def check_rows(table: pa.Table, rows: list[dict], expected: dict, copies: int = 
         assert got["topic_label"] == topic[0]["label"]
         assert got["topic_score"] == pytest.approx(topic[0]["score"], abs=1e-4)
         assert [t["label"] for t in got["topic_top"]] == [t["label"] for t in topic]
-        assert got["sentiment_label"] == _auto_label(sentiment["label"])
+        assert got["sentiment_label"] == normalise_sentiment_label(sentiment["label"])
         assert got["sentiment_score"] == pytest.approx(sentiment["score"], abs=1e-4)
         assert [(e["entity_group"], e["start"], e["end"]) for e in got["entities"]] == [
             (e["entity_group"], e["start"], e["end"]) for e in ner
@@ -299,7 +305,7 @@ def test_error_mode_checks_again_before_the_commit(fmt, small_corpus, models, ma
 
     out = tmp_path / "out"
     cfg = job(small_corpus, models, out, fmt, table="bertpipe.enriched")
-    p = plan(cfg, inspect_locally(cfg))
+    p = plan(cfg)
     other = conform(pa.concat_tables(ray.get(materialized.to_arrow_refs())), table_schema(p))
 
     def another_writer(stats):
@@ -309,7 +315,7 @@ def test_error_mode_checks_again_before_the_commit(fmt, small_corpus, models, ma
             deltalake.write_deltalake(str(out), other, partition_by=PARTITION_BY)
 
     with pytest.raises(ConfigError, match="got data from elsewhere during the run"):
-        write_table(materialized, p, "run-1", another_writer)
+        write(cfg, "run-1", materialized, lambda p, stats: another_writer(stats))
     assert _snapshot(fmt, out)[2].num_rows == other.num_rows
 
 

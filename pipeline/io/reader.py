@@ -1,4 +1,5 @@
-"""Reading shards: a pre-flight check of every file, then a Ray Data datasource that streams them.
+"""Reading shards: a pre-flight check of every file, then how one file becomes normalised Arrow blocks
+(streamed by the Ray Data datasource in ``bertpipe.engine.data``).
 
 Why a datasource of our own (a ``FileBasedDatasource`` subclass, which only implements how one file is
 read): each row needs its row number within its file for the stable ``_row_key``; Parquet and JSONL
@@ -23,10 +24,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from ray.data.datasource import FileBasedDatasource
 
 from bertpipe import columns as C
-from bertpipe.config import ConfigError
+from bertpipe.errors import ConfigError
 from bertpipe.io.paths import Shard, redact
 
 
@@ -150,7 +150,7 @@ def inspect_shard(fs, shard: Shard, text_column: str) -> ShardReport:
     return report
 
 
-def _text_as_string(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | None]]:
+def text_as_string(column: pa.ChunkedArray) -> tuple[pa.Array, list[str | None]]:
     """The text column as Arrow strings, and a reason for each value that was not a string."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_dictionary(column.type):
@@ -198,7 +198,7 @@ def normalise_block(
     table: pa.Table, text_column: str, row_start: int, shard_url: str, derive_id: str | None
 ) -> pa.Table:
     """Text as string with ``_error`` for wrong types, ``_row_key``, and a derived id when asked."""
-    texts, reasons = _text_as_string(table.column(text_column))
+    texts, reasons = text_as_string(table.column(text_column))
     if TEXT_PROBLEM in table.column_names:
         problems = table.column(TEXT_PROBLEM).to_pylist()
         reasons = [p or r for p, r in zip(problems, reasons, strict=True)]
@@ -212,41 +212,28 @@ def normalise_block(
     return table.append_column(C.ERROR, pa.array(reasons, pa.string()))
 
 
-class ShardDatasource(FileBasedDatasource):
-    """One read task per file; blocks of ``rows_per_block`` rows, normalised by ``normalise_block``."""
+def read_shard(
+    f, shard: Shard, text_column: str, derive_id: str | None, rows_per_block: int
+) -> Iterator[pa.Table]:
+    """The rows of one open file in normalised blocks of ``rows_per_block`` rows.
 
-    def __init__(
-        self, shards: list[Shard], filesystem, text_column: str, derive_id: str | None, rows_per_block: int
-    ):
-        super().__init__([s.path for s in shards], filesystem=filesystem)
-        self._by_path = {s.path: s for s in shards}
-        self._text_column = text_column
-        self._derive_id = derive_id
-        self._rows_per_block = rows_per_block
+    The pre-flight check reads only Parquet footers, so a corrupt data page shows up here: it stops the
+    run with a line naming the file, whatever ``on_bad_file`` says, because rows of the file may already
+    be on their way."""
 
-    def _open_input_source(self, filesystem, path: str, **open_args):
-        if self._by_path[path].format == "parquet":
-            return filesystem.open_input_file(path)  # Parquet needs random access to its footer
-        return super()._open_input_source(filesystem, path, **open_args)
-
-    def _blocks(self, f, shard: Shard) -> Iterator[pa.Table]:
-        """The file's rows in blocks. The pre-flight check reads only Parquet footers, so a corrupt data
-        page shows up here: it stops the run with a line naming the file, whatever ``on_bad_file`` says,
-        because rows of the file may already be on their way."""
+    def blocks() -> Iterator[pa.Table]:
         try:
             if shard.format == "parquet":
-                for batch in pq.ParquetFile(f).iter_batches(self._rows_per_block):
+                for batch in pq.ParquetFile(f).iter_batches(rows_per_block):
                     yield pa.Table.from_batches([batch])
             else:
-                table = _parse_jsonl(f.read(), self._text_column)
-                for i in range(0, table.num_rows, self._rows_per_block):
-                    yield table.slice(i, self._rows_per_block)
+                table = _parse_jsonl(f.read(), text_column)
+                for i in range(0, table.num_rows, rows_per_block):
+                    yield table.slice(i, rows_per_block)
         except READ_ERRORS as exc:
             raise ConfigError(f"bad input file {redact(shard.url)}: {_unreadable(shard, exc)}") from exc
 
-    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        shard = self._by_path[path]
-        row = 0
-        for block in self._blocks(f, shard):
-            yield normalise_block(block, self._text_column, row, shard.url, self._derive_id)
-            row += block.num_rows
+    row = 0
+    for block in blocks():
+        yield normalise_block(block, text_column, row, shard.url, derive_id)
+        row += block.num_rows

@@ -5,9 +5,10 @@ Ray Data writes the data files from its workers and the driver commits them all 
 (its ``IcebergDatasink`` / ``DeltaDatasink``, the sinks behind ``Dataset.write_iceberg`` and
 ``write_delta``). A run that fails leaves the table as it was: the files it had written are referenced
 by no snapshot or version, so no reader sees them (Iceberg's orphan-file removal or Delta's
-``vacuum`` deletes them). ``_CheckedSink`` puts a gate in front of that commit: it fits every block to
-the table schema and counts row keys, ids and errors on the way to the sink, and the driver runs the
-same checks as the Parquet path (each row key exactly once, duplicate ids) before anything commits.
+``vacuum`` deletes them). ``CheckedSink`` (``bertpipe.engine.data``) puts a gate in front of that
+commit: it fits every block to the table schema and counts row keys, ids and errors on the way to the
+sink, and the driver runs the same checks as the Parquet path (each row key exactly once, duplicate ids)
+before anything commits.
 
 Modes: ``error`` appends to a table that must hold no rows (checked before the run and again just
 before the commit); ``append`` adds a snapshot / version; ``overwrite`` replaces all rows in one commit
@@ -32,37 +33,23 @@ A Delta table lives at ``output.path``; ``output.storage_options`` go to ``delta
 from __future__ import annotations
 
 import os
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from fsspec.utils import get_protocol
-from ray.data.block import Block, BlockAccessor
-from ray.data.datasource.datasink import Datasink, WriteResult
 
 from bertpipe import columns as C
 from bertpipe.config import ConfigError, OutputConfig
 from bertpipe.io.paths import redact
 from bertpipe.io.reader import TEXT_PROBLEM
-from bertpipe.io.writer import WriteStats
-from bertpipe.stages.postprocess import output_fields
 
 if TYPE_CHECKING:
-    from bertpipe.runner import Plan
+    from bertpipe.plan import Plan
 
 TABLE_FORMATS = ("iceberg", "delta")
 DEFAULT_TABLE = "bertpipe.enriched"
 RUN_ID_PROPERTY = "bertpipe.run_id"
 _MODES = ("error", "overwrite", "append")
-
-
-@dataclass
-class TableWrite:
-    stats: WriteStats
-    info: dict[str, Any]  # format, table, mode and the snapshot id (Iceberg) or version (Delta) committed
 
 
 def check_target(output: OutputConfig) -> _Iceberg | _Delta:
@@ -87,37 +74,12 @@ def check_target(output: OutputConfig) -> _Iceberg | _Delta:
     return target
 
 
-def write_table(ds, p: Plan, run_id: str, verify: Callable[[WriteStats], None]) -> TableWrite:
-    """Write the final dataset of ``runner.build_dataset`` to the table in one commit.
-
-    ``verify`` runs on the driver with the counts of everything written, before the commit; whatever it
-    raises aborts the write and leaves the table untouched.
-    """
-    output = p.config.output
-    target = check_target(output)
+def open_table(p: Plan) -> tuple[_Iceberg | _Delta, pa.Schema]:
+    """Check the target again, create the table if it is new, and return it with its schema."""
+    target = check_target(p.config.output)
     schema = table_schema(p)
-    target.create(schema, output.partition_by)
-    mode = output.mode.value
-    id_column = p.derive_id or p.config.input.id_column
-
-    def before_commit(stats: WriteStats) -> None:
-        verify(stats)
-        if mode == "error" and target.has_data():
-            raise ConfigError(f"{target} got data from elsewhere during the run; not writing into it")
-
-    sink = _CheckedSink(
-        target.sink(mode, run_id),
-        schema,
-        id_column if id_column in schema.names else C.ROW_KEY,
-        target.files,
-        before_commit,
-    )
-    ds.write_datasink(sink)
-    if sink.stats.rows == 0 and mode == "overwrite":
-        target.clear(run_id)
-    return TableWrite(
-        sink.stats, {"format": output.format, "table": str(target), "mode": mode, **target.committed(run_id)}
-    )
+    target.create(schema, p.config.output.partition_by)
+    return target, schema
 
 
 def table_schema(p: Plan) -> pa.Schema:
@@ -140,7 +102,7 @@ def table_schema(p: Plan) -> pa.Schema:
     if p.derive_id and p.derive_id not in inputs.names:
         fields.append(pa.field(p.derive_id, pa.string()))
     fields += [pa.field(C.ROW_KEY, pa.string()), pa.field(C.ERROR, pa.string())]
-    fields += output_fields(p.model_tasks)
+    fields += p.models.output_fields()
     if p.config.output.partition_by:
         fields.append(pa.field(C.PARTITION_ORIGINAL, pa.string()))
     return pa.schema(fields)
@@ -170,101 +132,6 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-@dataclass
-class _Tally:
-    """What one write task wrote: rows, their keys and ids, and error counts."""
-
-    rows: int
-    keys: list[pa.ChunkedArray]
-    ids: list[pa.ChunkedArray]
-    errors: Counter
-
-
-@dataclass
-class _Written:
-    inner: Any  # what the wrapped sink's ``write`` returned
-    tally: _Tally
-
-
-class _CheckedSink(Datasink):
-    """Ray's table sink behind a gate: blocks are fitted to the table schema and counted on their way to
-    it; the counts are checked on the driver before the sink commits."""
-
-    def __init__(
-        self,
-        inner: Datasink,
-        schema: pa.Schema,
-        id_column: str,
-        files: Callable[[Any], int],
-        before_commit: Callable[[WriteStats], None],
-    ):
-        self.inner = inner
-        self.schema = schema
-        self.id_column = id_column
-        self.files = files
-        self.before_commit = before_commit
-        self.stats: WriteStats | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Write tasks get the schema and the wrapped sink; the check runs on the driver only."""
-        return {**self.__dict__, "before_commit": None}
-
-    def on_write_start(self, schema: pa.Schema | None = None) -> None:
-        self.inner.on_write_start(self.schema)  # the table's schema, not the first block's
-
-    def write(self, blocks: Iterable[Block], ctx) -> _Written:
-        tally = _Tally(0, [], [], Counter())
-
-        def fitted() -> Iterator[pa.Table]:
-            for block in blocks:
-                table = conform(BlockAccessor.for_block(block).to_arrow(), self.schema)
-                tally.rows += table.num_rows
-                tally.keys.append(table.column(C.ROW_KEY))
-                tally.ids.append(table.column(self.id_column))
-                tally.errors.update(r for r in table.column(C.ERROR).to_pylist() if r is not None)
-                yield table
-
-        return _Written(self.inner.write(fitted(), ctx), tally)
-
-    def on_write_complete(self, write_result: WriteResult) -> None:
-        written = [w for w in write_result.write_returns if w is not None]
-        tallies = [w.tally for w in written]
-        rows = sum(t.rows for t in tallies)
-        keys = pa.chunked_array([c for t in tallies for k in t.keys for c in k.chunks], pa.string())
-        ids = pa.chunked_array(
-            [c for t in tallies for i in t.ids for c in i.chunks], self.schema.field(self.id_column).type
-        )
-        stats = WriteStats(
-            rows=rows,
-            distinct_keys=pc.count_distinct(keys).as_py(),
-            errors_by_reason=dict(sum((t.errors for t in tallies), Counter())),
-            files=sum(self.files(w.inner) for w in written),
-            duplicate_ids=rows - pc.count_distinct(ids, mode="all").as_py(),
-        )
-        self.before_commit(stats)
-        inner = [w.inner for w in written]
-        self.inner.on_write_complete(WriteResult(write_result.num_rows, write_result.size_bytes, inner))
-        self.stats = stats
-
-    def on_write_failed(self, error: Exception) -> None:
-        self.inner.on_write_failed(error)
-
-    def get_name(self) -> str:
-        return self.inner.get_name()
-
-    @property
-    def supports_distributed_writes(self) -> bool:
-        return self.inner.supports_distributed_writes
-
-    @property
-    def min_rows_per_write(self) -> int | None:
-        return self.inner.min_rows_per_write
-
-    @property
-    def min_bytes_per_write(self) -> int | None:
-        return self.inner.min_bytes_per_write
-
-
 def _local_path(url: str) -> str | None:
     """The absolute path of a local path or file:// URL; None for remote URLs."""
     if get_protocol(url) not in ("file", "local"):
@@ -291,6 +158,8 @@ def catalog_properties(output: OutputConfig) -> dict[str, Any]:
 
 
 class _Iceberg:
+    format = "iceberg"
+
     def __init__(self, output: OutputConfig):
         self.identifier = output.table or DEFAULT_TABLE
         if "." not in self.identifier:
@@ -349,16 +218,13 @@ class _Iceberg:
                     for name in partition_by:
                         spec.add_identity(name)
 
-    def sink(self, mode: str, run_id: str) -> Datasink:
-        from ray.data import SaveMode
-        from ray.data._internal.datasource.iceberg_datasink import IcebergDatasink
-
-        return IcebergDatasink(
-            self.identifier,
-            catalog_kwargs=self.catalog_kwargs,
-            snapshot_properties={RUN_ID_PROPERTY: run_id},
-            mode=SaveMode.OVERWRITE if mode == "overwrite" else SaveMode.APPEND,
-        )
+    def sink_args(self, run_id: str) -> dict[str, Any]:
+        """Keyword arguments of Ray's Iceberg sink (``bertpipe.engine.data`` builds it)."""
+        return {
+            "table_identifier": self.identifier,
+            "catalog_kwargs": self.catalog_kwargs,
+            "snapshot_properties": {RUN_ID_PROPERTY: run_id},
+        }
 
     @staticmethod
     def files(written) -> int:
@@ -376,6 +242,8 @@ class _Iceberg:
 
 
 class _Delta:
+    format = "delta"
+
     def __init__(self, output: OutputConfig):
         if output.catalog:
             raise ConfigError(
@@ -407,17 +275,14 @@ class _Delta:
     def create(self, schema: pa.Schema, partition_by: list[str]) -> None:
         """Nothing to do: Ray's sink creates a new table with its first commit."""
 
-    def sink(self, mode: str, run_id: str) -> Datasink:
-        from ray.data import SaveMode
-        from ray.data._internal.datasource.delta_datasink import DeltaDatasink
-
-        return DeltaDatasink(
-            self.uri,
-            mode=SaveMode.OVERWRITE if mode == "overwrite" else SaveMode.APPEND,
-            partition_by=self.partition_by or None,
-            storage_options=self.storage_options,
-            name=self.name,
-        )
+    def sink_args(self, run_id: str) -> dict[str, Any]:
+        """Keyword arguments of Ray's Delta sink (``bertpipe.engine.data`` builds it)."""
+        return {
+            "path": self.uri,
+            "partition_by": self.partition_by or None,
+            "storage_options": self.storage_options,
+            "name": self.name,
+        }
 
     @staticmethod
     def files(written) -> int:

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bertpipe.config import ConfigError, TaskConfig, TaskKind
+from bertpipe.errors import ConfigError
+from bertpipe.tasks import TaskBase, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class ModelInfo:
     """What the driver learns about a task's model without loading its weights."""
 
     task: str
-    kind: TaskKind
+    kind: str
     source: str  # what actors pass to from_pretrained: a local folder or a hub id
     revision: str | None
     id2label: dict[int, str]
@@ -39,7 +40,7 @@ class ModelInfo:
         return len(self.id2label)
 
 
-def _local_folder(task: TaskConfig) -> Path:
+def _local_folder(task: TaskBase) -> Path:
     """The task's model as a local folder; hub ids are fetched into the HF cache (never run code)."""
     path = Path(task.model).expanduser()
     if path.exists():
@@ -62,7 +63,7 @@ def _local_folder(task: TaskConfig) -> Path:
         ) from exc
 
 
-def _weight_files(folder: Path, task: TaskConfig) -> list[Path]:
+def _weight_files(folder: Path, task: TaskBase) -> list[Path]:
     safe = sorted(folder.glob("*.safetensors"))
     if safe:
         return safe
@@ -87,7 +88,7 @@ def _sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def load_tokenizer(source: str, task: TaskConfig):
+def load_tokenizer(source: str, task: TaskBase):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(
@@ -132,7 +133,7 @@ def tokenizer_key(tok) -> str:
     return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:12]
 
 
-def inspect_model(task: TaskConfig) -> ModelInfo:
+def inspect_model(task: TaskBase) -> ModelInfo:
     from transformers import AutoConfig
 
     folder = _local_folder(task)
@@ -141,7 +142,7 @@ def inspect_model(task: TaskConfig) -> ModelInfo:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=task.trust_remote_code)
         tok = load_tokenizer(str(folder), task)
         key = tokenizer_key(tok)  # before the probe: calling a fast tokenizer sets its truncation state
-        problem = windows_problem(tok) if task.kind == TaskKind.ner or task.long_text == "chunk" else None
+        problem = windows_problem(tok) if kind_of(task).all_windows(task) else None
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -168,11 +169,11 @@ def inspect_model(task: TaskConfig) -> ModelInfo:
     )
 
 
-def load_model(task: TaskConfig, source: str):
+def load_model(task: TaskBase, source: str):
     """Load the task's model for inference (eval mode, fp32 weights; precision is applied by autocast)."""
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    import transformers
 
-    cls = AutoModelForTokenClassification if task.kind == TaskKind.ner else AutoModelForSequenceClassification
+    cls = getattr(transformers, kind_of(task).auto_model)
     model = cls.from_pretrained(
         source,
         revision=task.revision,

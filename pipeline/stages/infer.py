@@ -13,31 +13,21 @@ import ctypes
 import functools
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from bertpipe import columns as C
-from bertpipe.config import RuntimeConfig, TaskConfig, TaskKind
+from bertpipe.config import RuntimeConfig
 from bertpipe.logs import configure_worker_logging
-from bertpipe.models.loading import ModelInfo, load_model, resolve_device, resolve_dtype
+from bertpipe.models.loading import load_model, resolve_device, resolve_dtype
+from bertpipe.plan import ModelTask
 
 log = logging.getLogger(__name__)
 
 LOGITS = pa.list_(pa.list_(pa.float32()))
-
-
-@dataclass(frozen=True)
-class ModelTask:
-    task: TaskConfig
-    info: ModelInfo
-    group: str  # the tokenizer group whose token columns this task reads
-
-    @property
-    def first_window_only(self) -> bool:
-        return self.task.kind != TaskKind.ner and self.task.long_text == "truncate"
 
 
 def plan_batches(lengths: np.ndarray, max_tokens: int, max_rows: int, descending: bool) -> list[np.ndarray]:
@@ -130,20 +120,19 @@ def default_threads(runtime: RuntimeConfig) -> int:
     return max(1, (os.cpu_count() or 1) // pool)
 
 
-def _assigned_resources() -> dict:
-    """What Ray scheduled this actor with (logged, so GPU requests can be checked on any machine)."""
-    import ray
-
-    if not ray.is_initialized():  # get_runtime_context() would start a Ray
-        return {}
-    try:
-        return ray.get_runtime_context().get_assigned_resources()
-    except AssertionError:  # a driver, not a Ray worker (the stage called directly)
-        return {}
-
-
 class InferStage:
-    def __init__(self, model_tasks: list[ModelTask], runtime: RuntimeConfig, device: str):
+    """``__call__(table) -> table``: adds ``__logits_{task}`` for every task.
+
+    ``worker_resources`` tells what the scheduler gave this worker (logged, so GPU requests can be
+    checked on any machine); the engine passes Ray's, a direct call passes nothing."""
+
+    def __init__(
+        self,
+        model_tasks: list[ModelTask],
+        runtime: RuntimeConfig,
+        device: str,
+        worker_resources: Callable[[], dict] | None = None,
+    ):
         configure_worker_logging()
         threads = runtime.threads_per_actor or default_threads(runtime)
         torch.set_num_threads(threads)
@@ -177,7 +166,7 @@ class InferStage:
             self.dtype,
             self.quantized,
             threads,
-            _assigned_resources(),
+            worker_resources() if worker_resources else {},
         )
 
     def _pad_id(self, mt: ModelTask) -> int:

@@ -9,31 +9,19 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from bertpipe import columns as C
+from bertpipe.plan import TokenizerGroup
 
 log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 WINDOWS = pa.list_(pa.list_(pa.int32()))
 _ENCODINGS = ("input_ids", "offset_mapping", "special_tokens_mask")
-
-
-@dataclass(frozen=True)
-class TokenizerGroup:
-    """Tasks that share one tokenizer; what the group needs decides how much tokenising is done."""
-
-    key: str
-    source: str  # a model folder or hub id whose tokenizer this is
-    revision: str | None
-    trust_remote_code: bool
-    all_windows: bool  # NER or long_text=chunk: overlapping windows over the whole text
-    offsets: bool  # NER: character offsets and special-token masks
 
 
 def text_problem(text: object, max_chars: int | None) -> str | None:

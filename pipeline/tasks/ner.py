@@ -74,7 +74,7 @@ class NerPostprocess(Postprocessor):
         self.strategy = AggregationStrategy(task.aggregation.value)
         self.assembler = _span_assembler(tokenizer, info.id2label)
 
-    def row_entities(self, windows: list[dict]) -> list[dict]:
+    def row_entities(self, text: str, windows: list[dict]) -> list[dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             entities = self.assembler.postprocess(windows, aggregation_strategy=self.strategy)
@@ -129,7 +129,7 @@ class NerPostprocess(Postprocessor):
                 )
             assert ids_win_starts[row] == first, "window lists of ids and logits are misaligned"
             try:
-                results.append(self.row_entities(windows))
+                results.append(self.row_entities(text, windows))
             except Exception as exc:  # noqa: BLE001 - one odd row must not fail the batch
                 results.append(None)
                 self.failures[row] = f"{self.task.name} spans failed: {type(exc).__name__}"

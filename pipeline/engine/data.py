@@ -1,0 +1,330 @@
+"""The Ray Data graph of a job: read -> prepare -> infer -> postprocess -> write.
+
+This module turns a plan into Ray Data operators and is the only place that knows Ray Data's API:
+the datasource, the actor pools of the stages, the row-level checkpoint, the Parquet writer and the
+table sinks. The stages themselves are plain classes (``bertpipe.stages``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from ray.data import ActorPoolStrategy, Dataset, SaveMode
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource.datasink import Datasink, WriteResult
+
+from bertpipe import columns as C
+from bertpipe.config import RuntimeConfig
+from bertpipe.io.partitions import PartitionSanitiser
+from bertpipe.io.paths import Shard, filesystem_for
+from bertpipe.io.reader import ShardReport, inspect_shard, read_shard
+from bertpipe.io.warehouse import conform
+from bertpipe.io.writer import WriteStats, arrow_filesystem
+from bertpipe.plan import Inspector, ModelPlan, Plan
+from bertpipe.stages.infer import InferStage
+from bertpipe.stages.postprocess import PostprocessStage
+from bertpipe.stages.prepare import PrepareStage
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------ read
+
+
+class ShardDatasource(FileBasedDatasource):
+    """One read task per file; ``bertpipe.io.reader.read_shard`` turns the file into blocks."""
+
+    def __init__(
+        self, shards: list[Shard], filesystem, text_column: str, derive_id: str | None, rows_per_block: int
+    ):
+        super().__init__([s.path for s in shards], filesystem=filesystem)
+        self._by_path = {s.path: s for s in shards}
+        self._text_column = text_column
+        self._derive_id = derive_id
+        self._rows_per_block = rows_per_block
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        if self._by_path[path].format == "parquet":
+            return filesystem.open_input_file(path)  # Parquet needs random access to its footer
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        shard = self._by_path[path]
+        yield from read_shard(f, shard, self._text_column, self._derive_id, self._rows_per_block)
+
+
+def inspect_on_ray(storage_options: dict[str, Any], text_column: str) -> Inspector:
+    """Pre-flight checks as Ray tasks, next to the data on a cluster."""
+
+    @ray.remote(num_cpus=0.25)
+    def check(shard: Shard) -> ShardReport:
+        return inspect_shard(filesystem_for(shard.url, storage_options), shard, text_column)
+
+    return lambda shards: ray.get([check.remote(s) for s in shards])
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    return requested
+
+
+def assigned_resources() -> dict:
+    """What Ray scheduled the calling actor with; ``{}`` outside a Ray worker."""
+    try:
+        return ray.get_runtime_context().get_assigned_resources()
+    except AssertionError:  # a driver, not a Ray worker
+        return {}
+
+
+def label_stages(
+    ds: Dataset,
+    models: ModelPlan,
+    runtime: RuntimeConfig,
+    text_column: str,
+    max_chars: int | None,
+    device: str,
+) -> Dataset:
+    """prepare (CPU actors) -> infer (model actors, GPUs when ``device`` is cuda) -> postprocess.
+
+    ``ds`` holds ``text_column`` and ``_error``; the result holds every column of ``ds`` plus the task
+    outputs. Shared by ``run`` (after the datasource) and ``label`` (after the user's dataset)."""
+    ds = ds.map_batches(
+        PrepareStage,
+        fn_constructor_kwargs=dict(
+            text_column=text_column,
+            groups=models.groups,
+            max_length=runtime.max_length,
+            stride=runtime.window_stride,
+            max_chars=max_chars,
+        ),
+        batch_format="pyarrow",
+        batch_size=None,
+        compute=ActorPoolStrategy(min_size=1, max_size=2),
+        num_cpus=0.25,
+    )
+    low, high = (runtime.actors, runtime.actors) if isinstance(runtime.actors, int) else runtime.actors
+    gpu = {"num_gpus": runtime.gpus_per_actor} if device == "cuda" else {}
+    ds = ds.map_batches(
+        InferStage,
+        fn_constructor_kwargs=dict(
+            model_tasks=models.model_tasks,
+            runtime=runtime,
+            device=device,
+            worker_resources=assigned_resources,
+        ),
+        batch_format="pyarrow",
+        batch_size=runtime.rows_per_block,  # rows per call; the stage cuts them into token-budget batches
+        compute=ActorPoolStrategy(min_size=low, max_size=high),
+        num_cpus=runtime.cpus_per_actor,
+        **gpu,  # Ray restarts a dead actor and retries its batches by default (max_restarts=-1)
+    )
+    return ds.map_batches(
+        PostprocessStage,
+        fn_constructor_kwargs=dict(model_tasks=models.model_tasks, text_column=text_column),
+        batch_format="pyarrow",
+        batch_size=None,
+        compute=ActorPoolStrategy(min_size=1, max_size=2),
+        num_cpus=0.25,
+    )
+
+
+def build_dataset(p: Plan, device: str) -> Dataset:
+    """The lazy Ray Data plan of a job: read -> prepare -> infer -> postprocess (-> partition sanitiser)."""
+    cfg, rt = p.config, p.config.runtime
+    shards = p.good_shards
+    fs = arrow_filesystem(filesystem_for(shards[0].url, cfg.input.storage_options))
+    source = ShardDatasource(shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block)
+    ds = ray.data.read_datasource(source, num_cpus=0.25)
+    ds = label_stages(ds, p.models, rt, cfg.input.text_column, cfg.input.max_chars, device)
+    if cfg.output.partition_by:
+        ds = ds.map_batches(
+            PartitionSanitiser(cfg.output.partition_by),
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=0.25,
+        )
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------ write
+
+
+def write_staged_parquet(build: Callable[[], Dataset], location, partition_by: list[str]) -> None:
+    """Append the files of the dataset ``build()`` makes to the staging folder, under Ray Data's
+    row-level checkpoint.
+
+    The checkpoint (two-phase, exactly-once file writes since Ray 2.60) is keyed by ``_row_key``. A
+    dataset keeps the ``DataContext`` it was created with, so the checkpoint is configured before
+    ``build`` runs. The runner deletes the checkpoint after publishing: Ray would drop it when
+    execution ends, and a crash between that and the publish would make a resume redo every row."""
+    from ray.data.checkpoint import CheckpointConfig
+
+    context = ray.data.DataContext.get_current()
+    context.checkpoint_config = CheckpointConfig(
+        id_column=C.ROW_KEY,
+        checkpoint_path=location.checkpoint,
+        delete_checkpoint_on_success=False,
+        override_filesystem=arrow_filesystem(location.fs),
+    )
+    try:
+        build().write_parquet(
+            location.staging,
+            filesystem=arrow_filesystem(location.fs),
+            partition_cols=partition_by or None,
+            mode=SaveMode.APPEND,
+        )
+    finally:
+        context.checkpoint_config = None  # the process may run other jobs (tests, notebooks)
+
+
+def _table_sink(target_format: str, mode: str, kwargs: dict[str, Any]) -> Datasink:
+    """Ray's Iceberg or Delta sink. Ray 2.60 has no public class for them (only ``Dataset.write_iceberg``
+    and ``write_delta``, which build and run the sink in one call), and ``CheckedSink`` must wrap the
+    sink to check the counts before its commit, hence the private modules."""
+    save_mode = SaveMode.OVERWRITE if mode == "overwrite" else SaveMode.APPEND
+    if target_format == "iceberg":
+        from ray.data._internal.datasource.iceberg_datasink import IcebergDatasink
+
+        return IcebergDatasink(mode=save_mode, **kwargs)
+    from ray.data._internal.datasource.delta_datasink import DeltaDatasink
+
+    return DeltaDatasink(mode=save_mode, **kwargs)
+
+
+def write_table(
+    build: Callable[[], Dataset],
+    target,
+    schema: pa.Schema,
+    id_column: str,
+    mode: str,
+    run_id: str,
+    before_commit: Callable[[WriteStats], None],
+) -> WriteStats:
+    """Write the dataset into an Iceberg or Delta table in one commit, gated by ``before_commit``."""
+    inner = _table_sink(target.format, mode, target.sink_args(run_id))
+    sink = CheckedSink(inner, schema, id_column, target.files, before_commit)
+    build().write_datasink(sink)
+    return sink.stats
+
+
+@dataclass
+class _Tally:
+    """What one write task wrote: rows, their keys and ids, and error counts."""
+
+    rows: int
+    keys: list[pa.ChunkedArray]
+    ids: list[pa.ChunkedArray]
+    errors: Counter
+
+
+@dataclass
+class _Written:
+    inner: Any  # what the wrapped sink's ``write`` returned
+    tally: _Tally
+
+
+class CheckedSink(Datasink):
+    """Ray's table sink behind a gate: blocks are fitted to the table schema and counted on their way to
+    it; the counts are checked on the driver before the sink commits."""
+
+    def __init__(
+        self,
+        inner: Datasink,
+        schema: pa.Schema,
+        id_column: str,
+        files: Callable[[Any], int],
+        before_commit: Callable[[WriteStats], None],
+    ):
+        self.inner = inner
+        self.schema = schema
+        self.id_column = id_column
+        self.files = files
+        self.before_commit = before_commit
+        self.stats: WriteStats | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Write tasks get the schema and the wrapped sink; the check runs on the driver only."""
+        return {**self.__dict__, "before_commit": None}
+
+    def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        self.inner.on_write_start(self.schema)  # the table's schema, not the first block's
+
+    def write(self, blocks: Iterable[Block], ctx) -> _Written:
+        tally = _Tally(0, [], [], Counter())
+
+        def fitted() -> Iterator[pa.Table]:
+            for block in blocks:
+                table = conform(BlockAccessor.for_block(block).to_arrow(), self.schema)
+                tally.rows += table.num_rows
+                tally.keys.append(table.column(C.ROW_KEY))
+                tally.ids.append(table.column(self.id_column))
+                tally.errors.update(r for r in table.column(C.ERROR).to_pylist() if r is not None)
+                yield table
+
+        return _Written(self.inner.write(fitted(), ctx), tally)
+
+    def on_write_complete(self, write_result: WriteResult) -> None:
+        written = [w for w in write_result.write_returns if w is not None]
+        tallies = [w.tally for w in written]
+        rows = sum(t.rows for t in tallies)
+        keys = pa.chunked_array([c for t in tallies for k in t.keys for c in k.chunks], pa.string())
+        ids = pa.chunked_array(
+            [c for t in tallies for i in t.ids for c in i.chunks], self.schema.field(self.id_column).type
+        )
+        stats = WriteStats(
+            rows=rows,
+            distinct_keys=pc.count_distinct(keys).as_py(),
+            errors_by_reason=dict(sum((t.errors for t in tallies), Counter())),
+            files=sum(self.files(w.inner) for w in written),
+            duplicate_ids=rows - pc.count_distinct(ids, mode="all").as_py(),
+        )
+        self.before_commit(stats)
+        inner = [w.inner for w in written]
+        self.inner.on_write_complete(WriteResult(write_result.num_rows, write_result.size_bytes, inner))
+        self.stats = stats
+
+    def on_write_failed(self, error: Exception) -> None:
+        self.inner.on_write_failed(error)
+
+    def get_name(self) -> str:
+        return self.inner.get_name()
+
+    @property
+    def supports_distributed_writes(self) -> bool:
+        return self.inner.supports_distributed_writes
+
+    @property
+    def min_rows_per_write(self) -> int | None:
+        return self.inner.min_rows_per_write
+
+    @property
+    def min_bytes_per_write(self) -> int | None:
+        return self.inner.min_bytes_per_write
+
+
+# ------------------------------------------------------------------------------------------------ label
+
+
+def is_dataset(data) -> bool:
+    return isinstance(data, Dataset)
+
+
+def from_arrow(blocks: list[pa.Table]) -> Dataset:
+    return ray.data.from_arrow(blocks)
+
+
+def collect(ds: Dataset) -> pa.Table:
+    """Every block of ``ds`` as one table (in-memory ``label``)."""
+    return pa.concat_tables(ray.get(ds.to_arrow_refs()))

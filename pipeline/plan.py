@@ -1,0 +1,209 @@
+"""Planning: everything decided before Ray runs anything, without importing Ray or torch.
+
+Models are inspected (config, labels, tokenizer, weights' hash) and grouped by tokenizer, input files
+are discovered and checked, ids and partition columns resolved. ``bertpipe validate`` stops here, so
+it is fast and runs anywhere; ``run`` and ``label`` hand the plan to ``bertpipe.engine.data``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from bertpipe import columns as C
+from bertpipe.config import ConfigError, JobConfig
+from bertpipe.io.paths import Shard, discover, filesystem_for, redact
+from bertpipe.io.reader import ShardReport, inspect_shard
+from bertpipe.models.loading import ModelInfo, inspect_model
+from bertpipe.tasks import TaskBase, kind_of
+
+log = logging.getLogger(__name__)
+
+Inspector = Callable[[list[Shard]], list[ShardReport]]
+
+
+@dataclass(frozen=True)
+class ModelTask:
+    """A task with its model's facts and the tokenizer group whose token columns it reads."""
+
+    task: TaskBase
+    info: ModelInfo
+    group: str
+
+    @property
+    def first_window_only(self) -> bool:
+        return not kind_of(self.task).all_windows(self.task)
+
+
+@dataclass(frozen=True)
+class TokenizerGroup:
+    """Tasks that share one tokenizer; what the group needs decides how much tokenising is done."""
+
+    key: str
+    source: str  # a model folder or hub id whose tokenizer this is
+    revision: str | None
+    trust_remote_code: bool
+    all_windows: bool  # overlapping windows over the whole text (NER, long_text: chunk)
+    offsets: bool  # character offsets and special-token masks (NER)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The models of a job: their facts, the tasks that run them and the tokenisations they need."""
+
+    infos: dict[str, ModelInfo]
+    model_tasks: list[ModelTask]
+    groups: list[TokenizerGroup]
+
+    def output_fields(self) -> list[pa.Field]:
+        return [f for mt in self.model_tasks for f in kind_of(mt.task).output_fields(mt.task)]
+
+
+@dataclass
+class Plan:
+    """A job's models, input files and their checks."""
+
+    config: JobConfig
+    models: ModelPlan
+    shards: list[Shard]
+    reports: list[ShardReport]
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    derive_id: str | None = None
+
+    @property
+    def model_tasks(self) -> list[ModelTask]:
+        return self.models.model_tasks
+
+    @property
+    def good_shards(self) -> list[Shard]:
+        bad = {s["file"] for s in self.skipped}
+        return [s for s in self.shards if s.url not in bad]
+
+    def only(self, shards: list[Shard]) -> Plan:
+        """The same plan restricted to ``shards`` (incremental runs)."""
+        keep = {s.url for s in shards}
+        reports = [r for r in self.reports if r.shard.url in keep]
+        return Plan(self.config, self.models, list(shards), reports, self.skipped, self.derive_id)
+
+    @property
+    def rows_in(self) -> int:
+        bad = {s["file"] for s in self.skipped}
+        return sum(r.rows for r in self.reports if r.shard.url not in bad)
+
+    @property
+    def id_column(self) -> str:
+        return self.derive_id or self.config.input.id_column
+
+
+def plan_models(tasks: list[TaskBase]) -> ModelPlan:
+    infos = {task.name: inspect_model(task) for task in tasks}
+    for task in tasks:
+        kind_of(task).check(task, infos[task.name])
+    groups: dict[str, TokenizerGroup] = {}
+    for task in tasks:
+        info, kind = infos[task.name], kind_of(task)
+        prev = groups.get(info.tokenizer_key)
+        groups[info.tokenizer_key] = TokenizerGroup(
+            key=info.tokenizer_key,
+            source=prev.source if prev else info.source,
+            revision=prev.revision if prev else info.revision,
+            trust_remote_code=(prev.trust_remote_code if prev else False) or task.trust_remote_code,
+            all_windows=(prev.all_windows if prev else False) or kind.all_windows(task),
+            offsets=(prev.offsets if prev else False) or kind.offsets(task),
+        )
+    model_tasks = [ModelTask(t, infos[t.name], infos[t.name].tokenizer_key) for t in tasks]
+    return ModelPlan(infos, model_tasks, list(groups.values()))
+
+
+def check_shards(config: JobConfig, shards: list[Shard], inspect: Inspector) -> tuple[list, list[dict]]:
+    """Apply ``input.on_bad_file`` to unreadable files, files without the text column and schema drift."""
+    reports = inspect(shards)
+    bad = {r.shard.url: r.problem for r in reports if r.problem}
+    readable = [r for r in reports if not r.problem and r.schema is not None]
+    # The type most files agree on is the reference, so one odd file is the one flagged.
+    votes: dict[str, Counter] = {}
+    for report in readable:
+        for f in report.schema:
+            if f.name != config.input.text_column and not pa.types.is_null(f.type):
+                votes.setdefault(f.name, Counter())[_value_type(f.type)] += 1
+    for report in readable:
+        for f in report.schema:
+            if f.name not in votes or pa.types.is_null(f.type):
+                continue
+            expected = votes[f.name].most_common(1)[0][0]
+            if _value_type(f.type) != expected:
+                bad[report.shard.url] = (
+                    f"schema differs: column {f.name!r} is {f.type} here, {expected} elsewhere"
+                )
+    if bad and config.input.on_bad_file == "fail":
+        url, problem = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise ConfigError(
+            f"bad input file {redact(url)}: {problem}{more}; set input.on_bad_file: skip to skip"
+        )
+    skipped = [{"file": redact(url), "reason": problem} for url, problem in bad.items()]
+    for item in skipped:
+        log.warning("skipping bad input file %s: %s", item["file"], item["reason"])
+    if len(skipped) == len(reports):
+        raise ConfigError("every input file is bad; nothing to do")
+    return reports, skipped
+
+
+def _value_type(dtype: pa.DataType) -> pa.DataType:
+    """Dictionary-encoded (categorical) columns compare as their values."""
+    return dtype.value_type if pa.types.is_dictionary(dtype) else dtype
+
+
+def resolve_id_column(config: JobConfig, reports: list[ShardReport], skipped: list[dict]) -> str | None:
+    """The column to derive ids into, or None when the input has its own ids in every file."""
+    id_column = config.input.id_column or C.DERIVED_ID
+    if config.input.id_column is None:
+        return id_column
+    bad = {s["file"] for s in skipped}
+    has = [id_column in r.columns for r in reports if r.shard.url not in bad and r.rows]
+    if all(has):
+        return None
+    if not any(has):
+        log.info("input has no %r column: deriving stable ids from file path and row number", id_column)
+        return id_column
+    raise ConfigError(f"input.id_column {id_column!r} is present in some files and missing in others")
+
+
+def check_columns(
+    config: JobConfig, models: ModelPlan, input_columns: set[str], derive_id: str | None
+) -> None:
+    outputs = {f.name for f in models.output_fields()}
+    known = input_columns | outputs | {C.ROW_KEY, C.ERROR} | ({derive_id} if derive_id else set())
+    for name in config.output.partition_by:
+        if name not in known:
+            raise ConfigError(f"output.partition_by: unknown column {name!r}")
+    clashes = outputs & input_columns
+    if clashes:
+        raise ConfigError(f"input already has task output column(s) {sorted(clashes)}; rename the task")
+
+
+def inspect_locally(config: JobConfig) -> Inspector:
+    """Pre-flight checks in threads on this machine (``bertpipe validate``, local runs)."""
+
+    def run(shards: list[Shard]) -> list[ShardReport]:
+        if not shards:
+            return []
+        fs = filesystem_for(shards[0].url, config.input.storage_options)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(lambda s: inspect_shard(fs, s, config.input.text_column), shards))
+
+    return run
+
+
+def plan(config: JobConfig, inspect: Inspector | None = None) -> Plan:
+    models = plan_models(config.tasks)
+    shards = discover(config.input.paths, config.input.format, config.input.storage_options)
+    reports, skipped = check_shards(config, shards, inspect or inspect_locally(config))
+    derive_id = resolve_id_column(config, reports, skipped)
+    check_columns(config, models, {c for r in reports for c in r.columns}, derive_id)
+    return Plan(config, models, shards, reports, skipped, derive_id)
