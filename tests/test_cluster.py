@@ -150,10 +150,20 @@ def test_token_auth_is_on(cluster):
     assert cluster.get("/api/jobs/", cluster.token)[0] == 200
 
 
-def test_job_imports_the_uploaded_checkout(cluster):
-    """The driver imports ``pipeline`` from the uploaded working dir (not an installed copy), and the
-    upload leaves out what ``jobs/runtime_env.yaml`` excludes."""
-    probe = "import os, pipeline; print('PIPELINE', pipeline.__file__); print('FILES', sorted(os.listdir()))"
+def test_job_imports_the_uploaded_checkout(cluster, tmp_path):
+    """The driver and its workers import ``bertpipe`` from this checkout's source, staged as Ray
+    ``py_modules`` by ``jobs/stage_source.py`` (not the installed copy), and the working-dir upload
+    leaves out what ``jobs/runtime_env.yaml`` excludes."""
+    runtime_env = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "stage_source.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    probe = (
+        "import os, ray, bertpipe; print('DRIVER', bertpipe.__file__); print('FILES', sorted(os.listdir())); "
+        "f = ray.remote(lambda: __import__('bertpipe').__file__); print('WORKER', ray.get(f.remote()))"
+    )
     out = cluster.ray(
         "job",
         "submit",
@@ -162,18 +172,19 @@ def test_job_imports_the_uploaded_checkout(cluster):
         "--working-dir",
         str(ROOT),
         "--runtime-env",
-        str(ROOT / "jobs" / "runtime_env.yaml"),
+        runtime_env,
         "--",
         "python",
         "-c",
         probe,
         timeout=300,
     ).stdout
-    module = re.search(r"^PIPELINE (\S+)$", out, re.M).group(1)
-    assert module.startswith(str(cluster.temp_dir / "head")) and "/working_dir_files/" in module
+    for where in ("DRIVER", "WORKER"):
+        module = re.search(rf"^{where} (\S+)$", out, re.M).group(1)
+        assert "/py_modules_files/" in module and module.endswith("bertpipe/__init__.py"), module
     files = re.search(r"^FILES (.+)$", out, re.M).group(1)
-    assert "'pipeline'" in files and "'jobs'" in files
-    assert "'tests'" not in files and "'.git'" not in files
+    assert "'jobs'" in files and "'configs'" in files
+    assert "'tests'" not in files and "'.git'" not in files and "'pipeline'" not in files
 
 
 def test_job_runs_on_the_cluster(cluster, models, tmp_path):

@@ -7,6 +7,7 @@ weights or unmappable sentiment labels fail fast with one line. ``load_model`` r
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -133,14 +134,37 @@ def tokenizer_key(tok) -> str:
     return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:12]
 
 
-def inspect_model(task: TaskBase) -> ModelInfo:
-    from transformers import AutoConfig
+def _model_config(folder: Path) -> dict:
+    """The model's ``config.json`` as written. Read as JSON, not with ``AutoConfig``: transformers'
+    config module imports torch, and planning must not (``bertpipe validate`` runs anywhere, fast)."""
+    with open(folder / "config.json", encoding="utf-8") as fh:
+        return json.load(fh)
 
+
+def _id2label(config: dict) -> dict[int, str]:
+    """As ``PretrainedConfig`` reads it: ``id2label``, else ``LABEL_i`` for ``num_labels`` (default 2)."""
+    if config.get("id2label"):
+        return {int(k): str(v) for k, v in config["id2label"].items()}
+    return {i: f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))}
+
+
+def _planning_tokenizer(folder: Path, task: TaskBase):
+    """The tokenizer as planning sees it (its key, the window probe). A ``tokenizer.json`` loads without
+    torch; a checkpoint with only a vocabulary file is converted by ``AutoTokenizer``, which imports
+    torch (older checkpoints only)."""
+    if (folder / "tokenizer.json").is_file() and not task.trust_remote_code:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    return load_tokenizer(str(folder), task)
+
+
+def inspect_model(task: TaskBase) -> ModelInfo:
     folder = _local_folder(task)
     weights = _weight_files(folder, task)
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=task.trust_remote_code)
-        tok = load_tokenizer(str(folder), task)
+        config = _model_config(folder)
+        tok = _planning_tokenizer(folder, task)
         key = tokenizer_key(tok)  # before the probe: calling a fast tokenizer sets its truncation state
         problem = windows_problem(tok) if kind_of(task).all_windows(task) else None
     except ConfigError:
@@ -152,7 +176,7 @@ def inspect_model(task: TaskBase) -> ModelInfo:
         raise ConfigError(
             f"task {task.name!r}: the tokenizer of {task.model} cannot window long texts: {problem}"
         )
-    id2label = {int(k): str(v) for k, v in (config.id2label or {}).items()}
+    id2label = _id2label(config)
     if not id2label:
         raise ConfigError(f"task {task.name!r}: model {task.model} has no id2label in its config")
     local = Path(task.model).expanduser().exists()
@@ -162,7 +186,7 @@ def inspect_model(task: TaskBase) -> ModelInfo:
         source=str(folder.resolve()) if local else task.model,
         revision=task.revision,
         id2label=id2label,
-        problem_type=getattr(config, "problem_type", None),
+        problem_type=config.get("problem_type"),
         tokenizer_key=key,
         weights_sha256=_sha256(weights),
         weight_files=tuple(p.name for p in weights),
