@@ -46,7 +46,7 @@ class HFLabeller:
 
     def __init__(self, models: dict[str, str], max_length: int, stride: int):
         import torch
-        from transformers import bertpipe
+        from transformers import pipeline
 
         # explicit: transformers 5 defaults to the first GPU and to the dtype the weights were saved in
         common = {"device": "cpu", "dtype": torch.float32, "batch_size": HF_BATCH}
@@ -114,7 +114,7 @@ def run_b(spec: dict) -> dict:
 
 
 def child_env() -> dict[str, str]:
-    """``benchmarks`` first on the path of every child and Ray worker (bertpipe itself is the installed package)."""
+    """``benchmarks`` first on the path of every child and Ray worker (bertpipe is the installed package)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 

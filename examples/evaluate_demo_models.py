@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from transformers import bertpipe
+from transformers import pipeline
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 

@@ -16,7 +16,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from conftest import STRIDE, WINDOW, base_config, make_texts, write_config
-from transformers import bertpipe as hf_pipeline
+from transformers import pipeline as hf_pipeline
 from typer.testing import CliRunner
 
 from bertpipe.cli import app

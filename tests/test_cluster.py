@@ -26,7 +26,7 @@ import psutil
 import pyarrow.dataset as pads
 import pytest
 from conftest import STRIDE, WINDOW, free_ports, make_texts, write_config, write_shards
-from transformers import bertpipe as hf_pipeline
+from transformers import pipeline as hf_pipeline
 
 from bertpipe.tasks.sentiment import _auto_label
 

@@ -6,7 +6,7 @@ import duckdb
 import pyarrow.dataset as pads
 import pytest
 from conftest import STRIDE, WINDOW, base_config
-from transformers import bertpipe as hf_pipeline
+from transformers import pipeline as hf_pipeline
 
 from bertpipe.config import JobConfig
 from bertpipe.runner import execute

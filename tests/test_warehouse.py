@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import ray
 from conftest import STRIDE, WINDOW, base_config, make_texts, write_shards
-from transformers import bertpipe as hf_pipeline
+from transformers import pipeline as hf_pipeline
 
 from bertpipe.config import ConfigError, JobConfig
 from bertpipe.io.warehouse import check_target, conform, table_schema, write_table
