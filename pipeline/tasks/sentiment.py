@@ -34,7 +34,8 @@ def _generic_map(labels: list[str]) -> dict[str, str] | None:
     return None
 
 
-def _auto_label(label: str) -> str | None:
+def normalise_sentiment_label(label: str) -> str | None:
+    """positive / negative / neutral for a label that names one (``POS``, ``Negative``, ``4 stars``)."""
     named = _NAMED.get(label.strip().lower())
     if named:
         return named
@@ -42,6 +43,9 @@ def _auto_label(label: str) -> str | None:
     if stars:
         return {1: "negative", 2: "negative", 3: "neutral", 4: "positive", 5: "positive"}[int(stars.group(1))]
     return None
+
+
+_auto_label = normalise_sentiment_label  # the name tests and benchmarks import
 
 
 def sentiment_label_map(task: TaskConfig, info: ModelInfo) -> dict[str, str]:
