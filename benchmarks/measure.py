@@ -254,7 +254,9 @@ def entity_f1(got: dict[str, list], ref: dict[str, list]) -> dict:
 def _sentiment(label: str) -> str:
     from bertpipe.tasks.sentiment import normalise_sentiment_label
 
-    return normalise_sentiment_label(label) or label  # bertpipe writes positive/negative, HF the model's own names
+    return (
+        normalise_sentiment_label(label) or label
+    )  # bertpipe writes positive/negative, HF the model's own names
 
 
 def positive_share(predictions: dict[str, list], ids: list[str]) -> float:

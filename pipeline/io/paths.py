@@ -78,14 +78,17 @@ def _version(info: dict[str, Any]) -> str:
     return ""
 
 
-def discover(paths: list[str], declared: InputFormat, storage_options: dict[str, Any]) -> list[Shard]:
-    """Every input file, sorted, with size and version. A path that matches nothing is an error."""
+def discover(
+    paths: list[str], declared: InputFormat, storage_options: dict[str, Any], key: str = "input.paths"
+) -> list[Shard]:
+    """Every input file, sorted, with size and version. A path that matches nothing is an error naming
+    the config ``key`` the paths came from."""
     shards: dict[str, Shard] = {}
     for url in paths:
         try:
             fs, root = url_to_fs(url, **storage_options)
         except (ImportError, ValueError) as exc:
-            raise ConfigError(f"input.paths: cannot open {redact(url)}: {exc}") from exc
+            raise ConfigError(f"{key}: cannot open {redact(url)}: {exc}") from exc
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         try:
             if any(ch in root for ch in "*?["):
@@ -97,7 +100,7 @@ def discover(paths: list[str], declared: InputFormat, storage_options: dict[str,
             else:
                 found = {}
         except (OSError, PermissionError) as exc:
-            raise ConfigError(f"input.paths: cannot read {redact(url)}: {exc}") from exc
+            raise ConfigError(f"{key}: cannot read {redact(url)}: {exc}") from exc
         matched = 0
         for path, info in sorted(found.items()):
             if info.get("type") == "directory":
@@ -110,5 +113,5 @@ def discover(paths: list[str], declared: InputFormat, storage_options: dict[str,
             shards[path] = Shard(path, shard_url, fmt, int(info.get("size") or 0), _version(info))
             matched += 1
         if not matched:
-            raise ConfigError(f"input.paths: no Parquet or JSONL files found at {redact(url)}")
+            raise ConfigError(f"{key}: no Parquet or JSONL files found at {redact(url)}")
     return [shards[p] for p in sorted(shards)]

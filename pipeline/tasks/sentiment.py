@@ -81,9 +81,11 @@ class Sentiment(Classification):
     def postprocessor(self, task: SentimentTask, info, tokenizer) -> Postprocessor:
         return ClassificationPostprocess(task, info, sentiment_label_map(task, info))
 
-    def train_labels(self, labels: list[str]) -> list[str] | None:
-        normalised = [normalise_sentiment_label(label) for label in labels]
-        return None if None in normalised else normalised
+    label_hint = "positive/negative/neutral"
+    label_order = SENTIMENT_LABELS
+
+    def train_label(self, label: str) -> str | None:
+        return normalise_sentiment_label(label)
 
 
 KIND = Sentiment()

@@ -5,12 +5,13 @@ Schema (defaults shown)::
     kind: classification            # classification | sentiment | ner
     base_model: PATH_OR_HUB_ID      # any BERT-family checkpoint; a bare encoder gets a new head
     data:
-      paths: [train.jsonl]          # files, folders or globs; Parquet or JSONL
+      paths: [train.jsonl]          # files, folders, globs or fsspec URLs (s3://...); Parquet or JSONL(.gz)
       format: auto                  # auto (by extension) | parquet | jsonl
       text_column: text
       label_column: label           # classification / sentiment
       entities_column: entities     # ner: list of {start, end, label} character spans
       validation_paths: []          # a fixed validation set instead of validation_fraction
+      storage_options: {}           # fsspec options for both (credentials are not written to the summary)
     labels: null                    # label list, order = ids; ner: entity types or full BIO tags
     output_dir: models/sentiment
     overwrite: false                # replace an existing non-empty output_dir
@@ -35,7 +36,8 @@ Schema (defaults shown)::
                                     # (must be shared storage on a multi-node cluster)
 
 ``kind: sentiment`` is classification whose labels are normalised to lowercase
-positive / negative / neutral, so the folder plugs into a sentiment task without a label map.
+positive / negative / neutral (by the sentiment task's own rules: ``POS``, ``bad``, ``4 stars``...), so
+the folder plugs into a sentiment task without a label map.
 """
 
 from __future__ import annotations
@@ -45,17 +47,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from bertpipe.config import InputFormat, TaskKind, _Strict, load_yaml_as
-
-SENTIMENT_LABELS = ("negative", "neutral", "positive")
-_SENTIMENT_ALIASES = {"pos": "positive", "neg": "negative", "neu": "neutral"}
-
-
-def normalise_sentiment(label: str) -> str | None:
-    """Map a sentiment label to positive/negative/neutral (case-insensitive); None if it is none of them."""
-    key = label.strip().lower()
-    key = _SENTIMENT_ALIASES.get(key, key)
-    return key if key in SENTIMENT_LABELS else None
+from bertpipe.config import InputFormat, _Strict, load_yaml_as
+from bertpipe.tasks import KINDS, Kind
 
 
 class FinetuneData(_Strict):
@@ -65,6 +58,7 @@ class FinetuneData(_Strict):
     label_column: str = "label"
     entities_column: str = "entities"
     validation_paths: list[str] = Field(default_factory=list)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("paths", "validation_paths", mode="before")
     @classmethod
@@ -81,7 +75,7 @@ class FinetuneRuntime(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    kind: TaskKind
+    kind: str  # a task kind of bertpipe.tasks; its module declares the head and how labels read
     base_model: str
     data: FinetuneData
     labels: list[str] | None = Field(default=None, min_length=1)
@@ -101,6 +95,13 @@ class FinetuneConfig(_Strict):
     allow_pickle: bool = False
     runtime: FinetuneRuntime = Field(default_factory=FinetuneRuntime)
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        if value not in KINDS:
+            raise ValueError(f"must be one of {', '.join(KINDS)}")
+        return value
+
     @field_validator("labels")
     @classmethod
     def _labels_fit_the_kind(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
@@ -108,23 +109,28 @@ class FinetuneConfig(_Strict):
             return value
         if any(not label.strip() for label in value):
             raise ValueError("labels must be non-empty strings")
-        kind = info.data.get("kind")
-        if kind == TaskKind.sentiment:
-            bad = [label for label in value if normalise_sentiment(label) is None]
-            if bad:
-                raise ValueError(f"sentiment labels must be positive/negative/neutral, got {', '.join(bad)}")
-            value = [normalise_sentiment(label) for label in value]
+        kind = KINDS.get(info.data.get("kind"))
+        if kind is None:
+            return value  # the kind's own error is reported
+        bad = [label for label in value if kind.train_label(label) is None]
+        if bad:
+            raise ValueError(f"{kind.name} labels must be {kind.label_hint}, got {', '.join(bad)}")
+        value = [kind.train_label(label) for label in value]
         dupes = sorted({label for label in value if value.count(label) > 1})
         if dupes:
             raise ValueError(f"labels must be unique, repeated: {', '.join(dupes)}")
-        if kind != TaskKind.ner and len(value) < 2:
+        if not kind.token_level and len(value) < 2:
             raise ValueError("a classifier needs at least 2 labels")
         return value
 
     @property
     def score_metric(self) -> str:
         """The validation metric that picks the best epoch."""
-        return "val_entity_f1" if self.kind == TaskKind.ner else "val_macro_f1"
+        return self.task_kind.train_metric
+
+    @property
+    def task_kind(self) -> Kind:
+        return KINDS[self.kind]
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:

@@ -1,7 +1,10 @@
-"""Labelled training data: read Parquet/JSONL with pyarrow, check it, pick labels, tokenise once.
+"""Labelled training data: read Parquet/JSONL(.gz) with pyarrow, check it, pick labels, tokenise once.
+
+Files are found and opened with fsspec, as the labelling job's inputs are: local paths, folders, globs
+and URLs (``s3://...`` with ``data.storage_options``).
 
 Every data problem is a ConfigError naming the file and the 1-based row, raised on the driver
-before any worker starts. Tokenisation happens here, once, into padded numpy arrays; the trainer
+before any worker starts. Tokenisation happens here, once, into padded numpy arrays; the engine
 puts them in the Ray object store and workers read them zero-copy.
 
 NER rows carry character spans ``{start, end, label}`` (end exclusive). Every token that overlaps a
@@ -12,25 +15,22 @@ and metrics.
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from bertpipe.config import ConfigError, InputFormat, TaskKind
-from bertpipe.train.config import SENTIMENT_LABELS, FinetuneConfig, normalise_sentiment
+from bertpipe.config import ConfigError
+from bertpipe.io.paths import Shard, discover, filesystem_for, redact
+from bertpipe.io.reader import _open
+from bertpipe.tasks import KINDS, Kind
+from bertpipe.train.config import FinetuneConfig
 
 IGNORE_INDEX = -100
-_SUFFIXES = {
-    InputFormat.parquet: (".parquet", ".pq"),
-    InputFormat.jsonl: (".jsonl", ".json", ".ndjson"),
-}
 _JSON_BLOCK_BYTES = 1 << 24  # a JSONL line must fit in one block
 
 Span = tuple[int, int, str]
@@ -49,80 +49,60 @@ class LabelledRows:
         return f"{path} row {row}"
 
 
-def expand_paths(patterns: Sequence[str], fmt: InputFormat, key: str) -> list[tuple[Path, InputFormat]]:
-    """Files named by ``patterns`` (files, folders, globs), each with its format."""
-    files: list[tuple[Path, InputFormat]] = []
-    for pattern in patterns:
-        path = Path(pattern).expanduser()
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and _format_of(p, fmt))
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not matches:
-            raise ConfigError(f"{key}: no data files match {pattern}")
-        for match in matches:
-            found = _format_of(match, fmt)
-            if found is None:
-                raise ConfigError(f"{match}: unknown data format; name it .parquet/.jsonl or set data.format")
-            files.append((match, found))
-    return files
-
-
-def _format_of(path: Path, fmt: InputFormat) -> InputFormat | None:
-    if fmt != InputFormat.auto:
-        return fmt
-    return next((f for f, suffixes in _SUFFIXES.items() if path.name.lower().endswith(suffixes)), None)
-
-
-def _read_table(path: Path, fmt: InputFormat, columns: list[str]) -> pa.Table:
+def _read_table(fs, shard: Shard, columns: list[str]) -> pa.Table:
+    where = redact(shard.url)
     try:
-        if fmt == InputFormat.parquet:
-            present = set(pq.read_schema(path).names)
-            table = pq.read_table(path, columns=[c for c in columns if c in present])
-        else:
-            table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES))
+        with _open(fs, shard) as fh:
+            if shard.format == "parquet":
+                parquet = pq.ParquetFile(fh)
+                present = set(parquet.schema_arrow.names)
+                table = parquet.read(columns=[c for c in columns if c in present])
+            else:
+                table = pa_json.read_json(fh, read_options=pa_json.ReadOptions(block_size=_JSON_BLOCK_BYTES))
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ConfigError(f"{path}: cannot read as {fmt.value}: {str(exc).splitlines()[0]}") from exc
+        raise ConfigError(f"{where}: cannot read as {shard.format}: {str(exc).splitlines()[0]}") from exc
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise ConfigError(f"{path}: missing column {missing[0]!r} (columns: {', '.join(table.column_names)})")
+        raise ConfigError(
+            f"{where}: missing column {missing[0]!r} (columns: {', '.join(table.column_names)})"
+        )
     return table
 
 
 def read_labelled(cfg: FinetuneConfig, patterns: Sequence[str], key: str) -> LabelledRows:
-    """Read, check and normalise every labelled row of the files in ``patterns``."""
+    """Read, check and normalise every labelled row of the files ``patterns`` (config ``key``) name."""
     data = cfg.data
-    is_ner = cfg.kind == TaskKind.ner
+    is_ner = cfg.task_kind.token_level
     target_column = data.entities_column if is_ner else data.label_column
     rows = LabelledRows()
-    for path, fmt in expand_paths(patterns, data.format, key):
-        table = _read_table(path, fmt, [data.text_column, target_column])
+    for shard in discover(list(patterns), data.format, data.storage_options, key):
+        fs = filesystem_for(shard.url, data.storage_options)
+        table = _read_table(fs, shard, [data.text_column, target_column])
         texts = table.column(data.text_column).to_pylist()
         targets = table.column(target_column).to_pylist()
+        url = redact(shard.url)
         for i, (text, target) in enumerate(zip(texts, targets, strict=True), start=1):
-            where = f"{path} row {i}"
+            where = f"{url} row {i}"
             if not isinstance(text, str):
                 raise ConfigError(f"{where}: {data.text_column!r} must be a string, got {text!r}")
             rows.texts.append(text)
-            rows.targets.append(_spans(text, target, where) if is_ner else _label(cfg.kind, target, where))
-            rows.origins.append((str(path), i))
+            rows.targets.append(
+                _spans(text, target, where) if is_ner else _label(cfg.task_kind, target, where)
+            )
+            rows.origins.append((url, i))
     if not rows.texts:
         raise ConfigError(f"{key}: the data files have no rows")
     return rows
 
 
-def _label(kind: TaskKind, value: object, where: str) -> str:
+def _label(kind: Kind, value: object, where: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or str(value).strip() == "":
         raise ConfigError(f"{where}: label must be a non-empty string or integer, got {value!r}")
     label = str(value).strip()
-    if kind == TaskKind.sentiment:
-        sentiment = normalise_sentiment(label)
-        if sentiment is None:
-            raise ConfigError(f"{where}: sentiment label must be positive/negative/neutral, got {label!r}")
-        return sentiment
-    return label
+    normalised = kind.train_label(label)
+    if normalised is None:
+        raise ConfigError(f"{where}: {kind.name} label must be {kind.label_hint}, got {label!r}")
+    return normalised
 
 
 def _spans(text: str, value: object, where: str) -> list[Span]:
@@ -172,7 +152,7 @@ def resolve_labels(
     already normalised for sentiment) when they cover everything in the data, so its trained head is
     kept; otherwise the data's labels, sorted (sentiment in negative/neutral/positive order).
     """
-    is_ner = cfg.kind == TaskKind.ner
+    is_ner = cfg.task_kind.token_level
     if cfg.labels is not None:
         labels = list(cfg.labels)
         if is_ner and not is_bio_tag_list(labels):
@@ -188,8 +168,8 @@ def resolve_labels(
         return list(base_labels)
     if is_ner:
         return bio_tags(sorted(seen))
-    if cfg.kind == TaskKind.sentiment:
-        labels = [label for label in SENTIMENT_LABELS if label in seen]
+    if cfg.task_kind.label_order:
+        labels = [label for label in cfg.task_kind.label_order if label in seen]
     else:  # integer labels (as strings) in numeric order
         labels = sorted(seen, key=lambda label: (0, int(label), "") if label.isdigit() else (1, 0, label))
     if len(labels) < 2:
@@ -214,7 +194,7 @@ def _bio_pairs_ok(tags: Sequence[str]) -> bool:
 
 
 def _check_known(cfg: FinetuneConfig, rows: Sequence[LabelledRows], labels: list[str]) -> None:
-    is_ner = cfg.kind == TaskKind.ner
+    is_ner = cfg.task_kind.token_level
     known = _known(labels, is_ner)
     for data in rows:
         for i, target in enumerate(data.targets):
@@ -246,10 +226,10 @@ def spans_to_bio(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> l
 
 
 def encode(
-    tokenizer, rows: LabelledRows, labels: list[str], kind: TaskKind, max_length: int
+    tokenizer, rows: LabelledRows, labels: list[str], kind: str, max_length: int
 ) -> dict[str, np.ndarray]:
     """Tokenise once into right-padded arrays: input_ids, attention_mask, labels ([N] or [N, L] for NER)."""
-    is_ner = kind == TaskKind.ner
+    is_ner = KINDS[kind].token_level
     enc = tokenizer(
         rows.texts,
         truncation=True,

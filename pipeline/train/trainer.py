@@ -1,20 +1,18 @@
 """Fine-tune a BERT-family classifier or BIO tagger on Ray Train and publish the best epoch.
 
 The driver reads and checks the data, picks the labels and tokenises once into padded numpy
-arrays, which it puts in the object store: every data error surfaces before a worker starts, N
-workers do not repeat the tokenisation, and they read the arrays zero-copy. (Ray Data streaming
+arrays, which the engine puts in the object store: every data error surfaces before a worker starts,
+N workers do not repeat the tokenisation, and they read the arrays zero-copy. (Ray Data streaming
 would only pay off for corpora too big for memory, which labelled fine-tune sets are not.)
 
-A ``TorchTrainer`` runs ``_train_loop`` on ``runtime.num_workers`` workers: ``prepare_model`` wraps
-the model in DDP when there is more than one, ``prepare_data_loader`` adds the distributed sampler
-and moves batches to the device. After each epoch rank 0 scores the validation split (accuracy and
-macro-F1, or entity-level F1 for NER) and reports the metrics with a ``save_pretrained`` checkpoint;
-Ray keeps only the best one (``CheckpointConfig`` by score). The driver copies it, with the tokenizer
-and ``training_summary.json``, into a temp folder beside ``output_dir`` and renames it into place, so
-a crash never leaves half a model.
+``bertpipe.engine.train.fit`` runs ``_train_loop`` on ``runtime.num_workers`` Ray Train workers and
+hands it a ``WorkerContext`` (rank, device, DDP, distributed sampler, report), so this module needs no
+Ray. After each epoch rank 0 scores the validation split (accuracy and macro-F1, or entity-level F1 for
+NER) and reports the metrics with a ``save_pretrained`` checkpoint; Ray keeps only the best one. The
+driver copies it, with the tokenizer and ``training_summary.json``, into a temp folder beside
+``output_dir`` and renames it into place, so a crash never leaves half a model.
 
-Progress: rank 0 puts small dicts into a ``ray.util.queue.Queue``; a driver thread forwards them to
-the ``progress`` callback, which therefore runs on that thread. Events (key ``event``):
+Progress reaches the ``progress`` callback on a driver thread. Events (key ``event``):
 ``data`` (train_rows, validation_rows, labels), ``start`` (total_steps, steps_per_epoch, epochs,
 dtype), ``step`` (epoch, step, total_steps, loss, learning_rate; at most a few per second), ``epoch``
 (the reported metrics) and ``saved`` (output_dir).
@@ -24,31 +22,30 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import shutil
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
 import torch
+import transformers
 from transformers import (
     AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
     AutoTokenizer,
     get_linear_schedule_with_warmup,
 )
 
-from bertpipe.config import ConfigError, TaskKind
-from bertpipe.train.config import FinetuneConfig, normalise_sentiment
+from bertpipe.config import ConfigError
+from bertpipe.engine.train import Progress, WorkerContext, fit
+from bertpipe.io.paths import redact, redact_options
+from bertpipe.models.loading import cpu_supports_bf16, require_fast_tokenizer, weight_files
+from bertpipe.tasks import Kind
+from bertpipe.train.config import FinetuneConfig
 from bertpipe.train.data import (
     IGNORE_INDEX,
     encode,
@@ -59,7 +56,6 @@ from bertpipe.train.data import (
 )
 from bertpipe.train.metrics import classification_metrics, entity_metrics
 
-Progress = Callable[[dict[str, Any]], None]
 _STEP_EVENT_SECONDS = 0.5
 _MAX_GRAD_NORM = 1.0
 
@@ -80,45 +76,45 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict[
         raise ConfigError("output_dir: must differ from base_model (workers read it while training)")
     base_config = _load_base_config(cfg, base)
     tokenizer = _load_tokenizer(cfg, base)
-    has_head, base_labels = _head_labels(base_config, cfg.kind)
+    has_head, base_labels = _head_labels(base_config, cfg.task_kind)
     labels, train, validation = _prepare_data(cfg, tokenizer, base_labels)
     sizes = {"train_rows": len(train["labels"]), "validation_rows": len(validation["labels"])}
     emit({"event": "data", **sizes, "labels": labels})
 
-    with _ray_session(cfg), _storage(cfg, output_dir) as storage, _relay(progress) as queue:
-        fit_started = time.monotonic()
-        result = _fit(
-            cfg,
-            storage,
-            {
-                "cfg": cfg,
-                "base": base,
-                "labels": labels,
-                "reinit_head": has_head and labels != base_labels,
-                "train": ray.put(train),
-                "validation": ray.put(validation),
-                "queue": queue,
-            },
-        )
-        # Ray kept only the best checkpoint; its metrics say which epoch it is.
-        checkpoint, best = max(result.best_checkpoints, key=lambda pair: pair[1][cfg.score_metric])
+    loop_config = {
+        "cfg": cfg,
+        "base": base,
+        "labels": labels,
+        "reinit_head": has_head and labels != base_labels,
+    }
+    with (
+        _storage(cfg, output_dir) as storage,
+        fit(
+            _train_loop,
+            loop_config,
+            {"train": train, "validation": validation},
+            runtime=cfg.runtime,
+            score_metric=cfg.score_metric,
+            storage_path=storage,
+            progress=progress,
+        ) as fitted,
+    ):
         summary = {
             "output_dir": str(output_dir),
-            "kind": cfg.kind.value,
+            "kind": cfg.kind,
             "base_model": cfg.base_model,
             "labels": labels,
             **sizes,
             "best_metric": cfg.score_metric,
-            "best_score": best[cfg.score_metric],
-            "best_epoch": best["epoch"],
-            **result.return_value,
+            "best_score": fitted.best[cfg.score_metric],
+            "best_epoch": fitted.best["epoch"],
+            **fitted.value,
             "num_workers": cfg.runtime.num_workers,
-            "train_seconds": round(time.monotonic() - fit_started, 2),
+            "train_seconds": fitted.seconds,
             "seconds": round(time.monotonic() - started, 2),
-            "config": cfg.model_dump(mode="json"),
+            "config": _public_config(cfg),
         }
-        with checkpoint.as_directory() as best_dir:
-            _publish(output_dir, best_dir, tokenizer, summary)
+        _publish(output_dir, fitted.best_dir, tokenizer, summary)
     emit({"event": "saved", "output_dir": str(output_dir)})
     return summary
 
@@ -156,14 +152,18 @@ def _resolve_base_model(cfg: FinetuneConfig) -> str:
         return cfg.base_model
     if not path.is_dir():
         raise ConfigError(f"base_model: {path} is not a model folder")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
-        if not any(path.glob("*.bin")) and not any(path.glob("*.bin.index.json")):
-            raise ConfigError(f"base_model: {path} has no model weights")
-        if not cfg.allow_pickle:
-            raise ConfigError(
-                f"base_model: {path} has only pickle weights (*.bin); set allow_pickle: true if you trust it"
-            )
+    weight_files(path, cfg.allow_pickle, "base_model", cfg.base_model)
     return str(path.resolve())
+
+
+def _public_config(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The config for ``training_summary.json``, which ships with the model: without credentials."""
+    config = cfg.model_dump(mode="json")
+    data = config["data"]
+    data["paths"] = [redact(path) for path in data["paths"]]
+    data["validation_paths"] = [redact(path) for path in data["validation_paths"]]
+    data["storage_options"] = redact_options(data["storage_options"])
+    return config
 
 
 def _load_base_config(cfg: FinetuneConfig, base: str):
@@ -186,56 +186,18 @@ def _load_tokenizer(cfg: FinetuneConfig, base: str):
         raise ConfigError(
             f"base_model: cannot load the tokenizer of {base}: {str(exc).splitlines()[0]}"
         ) from exc
-    if cfg.kind == TaskKind.ner and not getattr(tokenizer, "is_fast", False):
-        raise ConfigError(f"base_model: NER needs a fast tokenizer (character offsets); {base} has none")
+    if cfg.task_kind.token_level:  # labels come from character spans
+        require_fast_tokenizer(tokenizer, "base_model", base)
     return tokenizer
 
 
-def _head_labels(config, kind: TaskKind) -> tuple[bool, list[str] | None]:
-    """Whether the base model has a head of the kind to train, and its labels (None: unusable names)."""
-    suffix = "ForTokenClassification" if kind == TaskKind.ner else "ForSequenceClassification"
+def _head_labels(config, kind: Kind) -> tuple[bool, list[str] | None]:
+    """Whether the base model has a head of the kind to train, and its labels (None: unusable names;
+    e.g. a sentiment head whose classes share a sentiment, "1 star" and "2 stars")."""
+    suffix = kind.auto_model.removeprefix("AutoModel")  # e.g. ForTokenClassification
     if not any(arch.endswith(suffix) for arch in config.architectures or []):
         return False, None
-    labels = [str(config.id2label[i]) for i in range(config.num_labels)]
-    if kind == TaskKind.sentiment:
-        normalised = [normalise_sentiment(label) for label in labels]
-        return True, None if None in normalised else normalised
-    return True, labels
-
-
-@contextmanager
-def _ray_session(cfg: FinetuneConfig) -> Iterator[None]:
-    """Use the running Ray; otherwise join ``runtime.address`` or start a local one, and stop it after."""
-    if ray.is_initialized():
-        yield
-        return
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")  # Ray Jobs set RAY_ADDRESS
-    if address:
-        ray.init(address=address)
-    else:  # "local" never joins a stale cluster recorded in /tmp/ray
-        ray.init(address="local", include_dashboard=False)
-    try:
-        if not address:
-            _check_local_resources(cfg)
-        yield
-    finally:
-        ray.shutdown()
-
-
-def _check_local_resources(cfg: FinetuneConfig) -> None:
-    """A local Ray never grows, and Ray Train would wait forever for workers that cannot fit."""
-    runtime = cfg.runtime
-    have = ray.cluster_resources()
-    need = {
-        "CPU": runtime.num_workers * runtime.cpus_per_worker,
-        "GPU": runtime.num_workers * runtime.use_gpu,
-    }
-    for resource, amount in need.items():
-        if amount > have.get(resource, 0):
-            raise ConfigError(
-                f"runtime: {runtime.num_workers} worker(s) need {amount:g} {resource}, this machine has "
-                f"{have.get(resource, 0):g}; lower num_workers / cpus_per_worker or set runtime.address"
-            )
+    return True, kind.train_labels([str(config.id2label[i]) for i in range(config.num_labels)])
 
 
 @contextmanager
@@ -250,60 +212,6 @@ def _storage(cfg: FinetuneConfig, output_dir: Path) -> Iterator[str]:
         yield str(path)
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-@contextmanager
-def _relay(progress: Progress | None) -> Iterator[Any]:
-    """A Ray queue workers write progress into, pumped into ``progress`` by a driver thread."""
-    if progress is None:
-        yield None
-        return
-    from ray.util.queue import Empty, Queue
-
-    queue = Queue(actor_options={"num_cpus": 0})
-    done = threading.Event()
-
-    def pump() -> None:
-        while True:
-            try:
-                progress(queue.get(timeout=0.2))
-            except Empty:
-                if done.is_set():
-                    return
-
-    thread = threading.Thread(target=pump, name="finetune-progress", daemon=True)
-    thread.start()
-    try:
-        yield queue
-    finally:
-        done.set()
-        thread.join()
-        queue.shutdown()
-
-
-def _fit(cfg: FinetuneConfig, storage: str, loop_config: dict[str, Any]):
-    from ray.train import CheckpointConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    runtime = cfg.runtime
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=runtime.num_workers,
-            use_gpu=runtime.use_gpu,
-            resources_per_worker={"CPU": runtime.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=f"finetune-{uuid.uuid4().hex[:8]}",
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=cfg.score_metric, checkpoint_score_order="max"
-            ),
-            logging_config=LoggingConfig(log_level="WARNING"),
-        ),
-    )
-    return trainer.fit()
 
 
 def _publish(output_dir: Path, best_dir: str, tokenizer, summary: dict[str, Any]) -> None:
@@ -350,15 +258,15 @@ class _Collate:
 
 
 class _Reporter:
-    """Rank 0's progress events into the driver's queue; step events throttled."""
+    """Rank 0's progress events for the driver; step events throttled."""
 
-    def __init__(self, queue, enabled: bool):
-        self.queue = queue if enabled else None
+    def __init__(self, context: WorkerContext):
+        self.context = context if context.rank == 0 else None
         self.last_step = 0.0
 
     def send(self, event: dict[str, Any]) -> None:
-        if self.queue is not None:
-            self.queue.put_nowait(event)
+        if self.context is not None:
+            self.context.progress(event)
 
     def step(self, event: dict[str, Any], force: bool) -> None:
         now = time.monotonic()
@@ -372,19 +280,13 @@ def _use_bf16(dtype: str, device: torch.device) -> bool:
         return dtype == "bfloat16"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
-    return False
+    return device.type == "cpu" and cpu_supports_bf16()
 
 
 def _load_model(cfg: FinetuneConfig, base: str, labels: list[str], reinit_head: bool):
     """Base weights plus a head for ``labels``; a base head trained for other labels is re-initialised."""
-    auto = AutoModelForTokenClassification if cfg.kind == TaskKind.ner else AutoModelForSequenceClassification
-    extra = {} if cfg.kind == TaskKind.ner else {"problem_type": "single_label_classification"}
+    auto = getattr(transformers, cfg.task_kind.auto_model)
+    extra = {} if cfg.task_kind.token_level else {"problem_type": "single_label_classification"}
     model = auto.from_pretrained(
         base,
         num_labels=len(labels),
@@ -408,27 +310,24 @@ def _load_model(cfg: FinetuneConfig, base: str, labels: list[str], reinit_head: 
     return model
 
 
-def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Runs on every Ray Train worker; rank 0 evaluates, checkpoints and returns the run record."""
-    import ray.train
-    import ray.train.torch
+def _train_loop(context: WorkerContext, config: dict[str, Any]) -> dict[str, Any] | None:
+    """Runs on every worker; rank 0 evaluates, checkpoints and returns the run record."""
     from torch.utils.data import DataLoader, DistributedSampler
     from transformers.utils import logging as hf_logging
 
     cfg: FinetuneConfig = config["cfg"]
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
+    rank = context.rank
     hf_logging.disable_progress_bar()
     torch.set_num_threads(cfg.runtime.cpus_per_worker)
     torch.manual_seed(cfg.seed)
-    device = ray.train.torch.get_device()
+    device = context.device
     bf16 = _use_bf16(cfg.dtype, device)
 
     labels = config["labels"]
-    model = ray.train.torch.prepare_model(_load_model(cfg, config["base"], labels, config["reinit_head"]))
+    model = context.prepare_model(_load_model(cfg, config["base"], labels, config["reinit_head"]))
     module = getattr(model, "module", model)  # unwrapped from DDP for eval and saving
-    train, validation = ray.get(config["train"]), ray.get(config["validation"])
-    loader = ray.train.torch.prepare_data_loader(
+    train, validation = context.arrays["train"], context.arrays["validation"]
+    loader = context.prepare_data_loader(
         DataLoader(
             range(len(train["labels"])),
             batch_size=cfg.batch_size,
@@ -447,7 +346,7 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     )
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-    reporter = _Reporter(config["queue"], rank == 0)
+    reporter = _Reporter(context)
     epochs = math.ceil(total_steps / steps_per_epoch)
     reporter.send(
         {
@@ -500,9 +399,9 @@ def _train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             metrics.update(_evaluate(module, validation, cfg, labels, device, autocast))
             with tempfile.TemporaryDirectory() as tmp:
                 module.save_pretrained(tmp)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                context.report(metrics, checkpoint_dir=tmp)
         else:
-            ray.train.report(metrics)
+            context.report(metrics)
         records.append(metrics)
         reporter.send({"event": "epoch", **metrics})
     if rank != 0:
@@ -530,7 +429,7 @@ def _evaluate(model, arrays: dict[str, np.ndarray], cfg: FinetuneConfig, labels,
         losses.append(out.loss.item())
         predictions.append(out.logits.argmax(-1).cpu().numpy())
     metrics = {"val_loss": round(float(np.mean(losses)), 5)}
-    if cfg.kind == TaskKind.ner:
+    if cfg.task_kind.token_level:
         truth, guess = [], []
         for chunk_start, pred in zip(range(0, n, size), predictions, strict=True):
             gold = arrays["labels"][chunk_start : chunk_start + len(pred), : pred.shape[1]]
