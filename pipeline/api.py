@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from bertpipe import columns as C
 from bertpipe.config import (
@@ -31,7 +31,7 @@ from bertpipe.config import (
 from bertpipe.io.reader import text_as_string
 from bertpipe.plan import ModelPlan, plan_models
 from bertpipe.summary import RunSummary
-from bertpipe.tasks import TaskBase, parse_task
+from bertpipe.tasks import TaskBase, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,8 @@ def label(
     from bertpipe.engine.cluster import connect
     from bertpipe.engine.data import collect, from_arrow, is_dataset, label_stages, resolve_device
 
-    rt = runtime if isinstance(runtime, RuntimeConfig) else _validate(RuntimeConfig, runtime or {}, "runtime")
-    task_configs = [_task(t, i) for i, t in enumerate(tasks)]
-    if not task_configs:
-        raise ConfigError("tasks: give at least one task")
-    names = [t.name for t in task_configs]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"tasks: task names must be unique, got {names}")
+    args = _validate(_LabelArgs, {"tasks": list(tasks), "runtime": runtime or {}}, "label()")
+    rt, task_configs = args.runtime, args.tasks
     models = plan_models(task_configs)
     connect(rt.address, local_cpus=rt.local_cpus, local_gpus=rt.local_gpus)
     device = resolve_device(rt.device)
@@ -123,6 +118,21 @@ def label(
     return out
 
 
+class _LabelArgs(BaseModel):
+    """``tasks`` and ``runtime`` of ``label``, checked as the YAML's are (errors name ``tasks.N.key``)."""
+
+    tasks: list[TaskConfig] = Field(min_length=1)
+    runtime: RuntimeConfig
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks: list[TaskBase]) -> list[TaskBase]:
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        return tasks
+
+
 class TextColumn:
     """Adds the internal text column and ``_error`` to a batch, leaving the input columns as they are."""
 
@@ -144,13 +154,6 @@ class TextColumn:
         self.check(batch.column_names)
         texts, reasons = text_as_string(batch.column(self.text_column))
         return batch.append_column(TEXT, texts).append_column(C.ERROR, pa.array(reasons, pa.string()))
-
-
-def _task(fields: dict[str, Any] | TaskBase, index: int) -> TaskBase:
-    try:
-        return parse_task(fields)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, f"tasks.{index}")) from exc
 
 
 def _validate(model, raw: dict[str, Any], source: str):

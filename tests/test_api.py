@@ -133,23 +133,17 @@ def test_label_an_arrow_table_equals_run(ray_session, rows, by_run, models):
         assert_same_as_run(record, by_run[record["id"]])
 
 
-class _MarkWhenRead:
-    """A step of the user's own pipeline that leaves a file behind once it has run."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, batch):
-        self.path.touch()
-        return batch
-
-
 def test_label_a_ray_dataset_is_lazy_and_equals_run(ray_session, rows, by_run, models, tmp_path):
     import ray
 
     good = [r for r in rows if isinstance(r["text"], str) or r["text"] is None]
     read = tmp_path / "read"
-    ds = ray.data.from_arrow(pa.Table.from_pylist(good)).map_batches(_MarkWhenRead(read))
+
+    def mark_when_read(batch):  # a step of the user's own pipeline (defined here: pickled by value)
+        read.touch()
+        return batch
+
+    ds = ray.data.from_arrow(pa.Table.from_pylist(good)).map_batches(mark_when_read, num_cpus=0.25)
     out = bertpipe.label(ds, tasks(models), runtime=RUNTIME)
     assert isinstance(out, ray.data.Dataset)
     assert not read.exists()  # nothing ran: it composes with the user's pipeline
