@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -219,3 +220,14 @@ def test_run_takes_a_path_and_overrides(ray_session, models, tmp_path):
     assert again.nothing_to_do
     with pytest.raises(bertpipe.ConfigError, match="already has data"):
         bertpipe.run(config, [f"output.path={tmp_path / 'out'}"])
+
+
+def test_the_readme_dataframe_example_runs(ray_session, models, capsys):
+    """The README's first Python example, with the tiny sentiment model in place of the hub id."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```python\n")[1:] if "bertpipe.label(df" in b).split("```")[0]
+    hub_id = "distilbert/distilbert-base-uncased-finetuned-sst-2-english"
+    assert hub_id in block
+    exec(block.replace(hub_id, str(models["sentiment"])), {})
+    printed = capsys.readouterr().out
+    assert "sentiment_label" in printed and "text is null" in printed

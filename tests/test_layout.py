@@ -95,9 +95,10 @@ def test_a_users_pipeline_module_neither_shadows_nor_is_shadowed(models, tmp_pat
         f"again = bertpipe.label(df, [{task!r}], runtime={{'dtype': 'float32'}})\n"
         "result = {'mine': pipeline.MINE, 'bertpipe': bertpipe.__file__, 'up': ray.is_initialized()}\n"
         "result['same'] = node == ray.get_runtime_context().get_node_id()\n"
-        "result['labels'] = out['sentiment_label'].tolist()\n"
-        "result['errors'] = out['_error'].tolist()\n"
-        "result['again'] = again['sentiment_label'].tolist()\n"
+        "plain = lambda column: [None if pd.isna(v) else v for v in column]\n"
+        "result['labels'] = plain(out['sentiment_label'])\n"
+        "result['errors'] = plain(out['_error'])\n"
+        "result['again'] = plain(again['sentiment_label'])\n"
         "print(json.dumps(result))\n"
     )
     out = subprocess.run(

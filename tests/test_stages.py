@@ -244,8 +244,8 @@ def test_a_tokenizer_that_drops_windows_is_refused_before_the_run(models, monkey
     assert loading.windows_problem(tok) is None
     assert "windows cover" in loading.windows_problem(_FirstTwoWindows(tok))
 
-    real_load = loading.load_tokenizer
-    monkeypatch.setattr(loading, "load_tokenizer", lambda *a: _FirstTwoWindows(real_load(*a)))
+    real_load = loading._planning_tokenizer
+    monkeypatch.setattr(loading, "_planning_tokenizer", lambda *a: _FirstTwoWindows(real_load(*a)))
     ner = parse_task(dict(name="entities", kind="ner", model=str(models["ner"])))
     with pytest.raises(loading.ConfigError, match="tokenizer of .* cannot window long texts"):
         loading.inspect_model(ner)
