@@ -12,7 +12,7 @@ import logging
 import math
 import numbers
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from bertpipe.config import (
 )
 from bertpipe.io.reader import text_as_string
 from bertpipe.plan import ModelPlan, plan_models
+from bertpipe.progress import Progress
 from bertpipe.summary import RunSummary
 from bertpipe.tasks import TaskBase, TaskConfig
 
@@ -39,11 +40,19 @@ ROW = "_bertpipe_row"  # input order of in-memory rows while they travel; never 
 TEXT = "__text"  # the text as the stages read it (string or null); internal, dropped by postprocess
 
 
-def run(config: str | Path | dict[str, Any] | JobConfig, overrides: Iterable[str] = ()) -> RunSummary:
+def run(
+    config: str | Path | dict[str, Any] | JobConfig,
+    overrides: Iterable[str] = (),
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    quiet: bool = False,
+) -> RunSummary:
     """Run a job (a YAML path, a dict with the YAML's keys, or a ``JobConfig``) and return its summary.
 
     ``overrides`` are ``--set``-style ``key=value`` strings. User errors raise ``ConfigError`` (one
-    line naming the key, file or task) before anything is written."""
+    line naming the key, file or task) before anything is written. ``on_progress`` receives a
+    ``bertpipe.progress.Progress`` every second while the models run; ``quiet`` hides Ray Data's own
+    progress bars and INFO lines."""
     from bertpipe.runner import execute
 
     overrides = list(overrides)
@@ -55,7 +64,7 @@ def run(config: str | Path | dict[str, Any] | JobConfig, overrides: Iterable[str
             job = config
         else:
             job = _validate(JobConfig, apply_overrides(raw, overrides), "config")
-    return RunSummary.model_validate(execute(job))
+    return RunSummary.model_validate(execute(job, on_progress, quiet))
 
 
 def label(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -90,7 +92,8 @@ def run(
 
     _setup_logging(verbose)
     try:
-        summary = run_job(config, set_ or [])
+        with RunProgress() as progress:
+            summary = run_job(config, set_ or [], on_progress=progress.update, quiet=not verbose)
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - the CLI turns any failure into one line and a code
@@ -144,6 +147,51 @@ def demo(
         _fail(str(exc))
     print_summary(summary)
     print_examples(Path(summary.config["output"]["path"]))
+
+
+class RunProgress:
+    """The run's own progress: a rich bar (rows of the pre-flight total, rows/s, ETA, errors) on a
+    terminal; elsewhere (cron, CI logs) a timestamped plain line every ``PLAIN_EVERY_S`` seconds."""
+
+    PLAIN_EVERY_S = 10.0
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("labelling"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} rows/s, errors {task.fields[errors]}"),
+            TimeRemainingColumn(),
+            console=out,
+        )
+        self.task = None
+        self.last_line, self.last_rows = 0.0, -1
+
+    def __enter__(self) -> RunProgress:
+        if out.is_terminal:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if out.is_terminal:
+            self.bar.__exit__(*exc)
+
+    def update(self, progress) -> None:
+        if out.is_terminal:
+            if self.task is None:
+                self.task = self.bar.add_task("run", total=progress.total, rate="0.0", errors=0)
+            self.bar.update(
+                self.task, completed=progress.rows, rate=f"{progress.rows_per_s:.1f}", errors=progress.errors
+            )
+            return
+        now = time.monotonic()
+        finished = progress.rows == progress.total != self.last_rows
+        if now - self.last_line >= self.PLAIN_EVERY_S or finished:
+            self.last_line, self.last_rows = now, progress.rows
+            stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            out.print(f"{stamp} {progress.line()}", highlight=False, markup=False, soft_wrap=True)
 
 
 class TrainingProgress:
@@ -230,6 +278,9 @@ def print_summary(summary: RunSummary) -> None:
         table.add_row(f"  error: {reason}", str(count))
     for skipped in summary.skipped_files:
         table.add_row(f"  skipped: {skipped['file']}", skipped["reason"])
+    for task, counts in summary.task_counts.items():
+        shown = ", ".join(f"{name} {n}" for name, n in list(counts.items())[:8])
+        table.add_row(f"  {task}", shown + (", ..." if len(counts) > 8 else ""))
     table.add_row("output", summary.config["output"]["path"])
     out.print(table)
 

@@ -23,6 +23,7 @@ from bertpipe.io.paths import redact, redact_options
 from bertpipe.io.state import Intent, Ledger, OutputLock, config_fingerprint, settle_checkpoint
 from bertpipe.io.writer import OutputLocation, WriteStats, publish, staged_stats
 from bertpipe.plan import Plan, inspect_locally, plan
+from bertpipe.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +234,21 @@ class TableTarget:
         summary["table"] = self.info
 
 
-def execute(config: JobConfig) -> dict[str, Any]:
-    """Run the job; returns the run summary. Raises ConfigError for user errors (nothing written)."""
+def execute(
+    config: JobConfig, on_progress: Callable[[Progress], None] | None = None, quiet: bool = False
+) -> dict[str, Any]:
+    """Run the job; returns the run summary. Raises ConfigError for user errors (nothing written).
+
+    ``on_progress`` gets the run's progress every second from a driver thread; ``quiet`` hides Ray
+    Data's own progress bars and INFO lines."""
     from bertpipe.engine.cluster import connect
-    from bertpipe.engine.data import build_dataset, inspect_on_ray, resolve_device
+    from bertpipe.engine.data import (
+        ProgressFeed,
+        build_dataset,
+        inspect_on_ray,
+        quiet_ray_data,
+        resolve_device,
+    )
 
     started = time.time()
     run_id = new_run_id()
@@ -258,9 +270,16 @@ def execute(config: JobConfig) -> dict[str, Any]:
             config.runtime.address, local_cpus=config.runtime.local_cpus, local_gpus=config.runtime.local_gpus
         )
         device = resolve_device(config.runtime.device)
-        with unwrapped_config_errors():
-            stats = target.write(lambda: build_dataset(p, device), p, run_id)
+        quiet_ray_data(quiet)
+        feed = ProgressFeed(p.rows_in)
+        try:
+            with unwrapped_config_errors(), feed.watching(on_progress):
+                stats = target.write(lambda: build_dataset(p, device, feed.report), p, run_id)
+            task_counts = feed.snapshot().task_counts()
+        finally:
+            feed.close()
         summary = run_summary(p, run_id, started, stats, device)
+        summary["task_counts"] = task_counts
         target.commit(p, run_id, summary)
     return summary
 

@@ -27,6 +27,7 @@ class RunSummary(BaseModel):
     device: str | None = None
     models: list[dict[str, Any]] = []
     config: dict[str, Any] = {}
+    task_counts: dict[str, dict[str, int]] = {}  # per task: labels, or entities by type, most common first
     table: dict[str, Any] | None = None  # Iceberg snapshot id or Delta version of a table output
     bertpipe_version: str | None = None
     start: str | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -55,24 +56,43 @@ def frame(rows) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def by_run(ray_session, rows, models, tmp_path_factory) -> dict[str, dict]:
-    """``bertpipe.run`` over the same rows as a JSONL file (mixed types, as a DataFrame holds them)."""
+def ran(ray_session, rows, models, tmp_path_factory):
+    """``bertpipe.run`` over the same rows as a JSONL file (mixed types, as a DataFrame holds them):
+    its summary, its progress reports and the rows it wrote, by id."""
     root = tmp_path_factory.mktemp("api")
     (root / "in").mkdir()
     (root / "in" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reports = []
     summary = bertpipe.run(
         {
             "input": {"paths": [str(root / "in")]},
             "output": {"path": str(root / "out")},
             "tasks": tasks(models),
             "runtime": RUNTIME,
-        }
+        },
+        on_progress=lambda p: reports.append((p.rows, p.errors, p.total, p.task_counts())),
     )
     assert isinstance(summary, bertpipe.RunSummary)
     assert summary.rows_in == summary.rows_out == len(rows)
     assert summary.rows_error == len(BAD) and summary.rows_ok == len(rows) - len(BAD)
     table = pads.dataset(str(root / "out"), partitioning="hive").to_table()
-    return {r["id"]: r for r in table.to_pylist()}
+    return summary, reports, {r["id"]: r for r in table.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def by_run(ran) -> dict[str, dict]:
+    return ran[2]
+
+
+def test_run_reports_progress_and_counts_what_it_wrote(ran, rows):
+    summary, reports, written = ran
+    assert reports and reports[-1][:3] == (len(rows), len(BAD), len(rows))  # the last report: all done
+    assert all(a[0] <= b[0] for a, b in zip(reports, reports[1:], strict=False))
+    labels = Counter(r["sentiment_label"] for r in written.values() if r["sentiment_label"])
+    entities = Counter(e["entity_group"] for r in written.values() for e in r["entities"] or [])
+    assert summary.task_counts["sentiment"] == dict(labels)
+    assert summary.task_counts["entities"] == dict(entities)
+    assert reports[-1][3] == summary.task_counts
 
 
 def _plain(value):

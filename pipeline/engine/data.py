@@ -7,9 +7,12 @@ table sinks. The stages themselves are plain classes (``bertpipe.stages``).
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,7 @@ from bertpipe.io.reader import ShardReport, inspect_shard, read_shard
 from bertpipe.io.warehouse import conform
 from bertpipe.io.writer import WriteStats, arrow_filesystem
 from bertpipe.plan import Inspector, ModelPlan, Plan
+from bertpipe.progress import Progress
 from bertpipe.stages.infer import InferStage
 from bertpipe.stages.postprocess import PostprocessStage
 from bertpipe.stages.prepare import PrepareStage
@@ -95,6 +99,7 @@ def label_stages(
     text_column: str,
     max_chars: int | None,
     device: str,
+    report: Callable[[dict], None] | None = None,
 ) -> Dataset:
     """prepare (CPU actors) -> infer (model actors, GPUs when ``device`` is cuda) -> postprocess.
 
@@ -132,7 +137,7 @@ def label_stages(
     )
     return ds.map_batches(
         PostprocessStage,
-        fn_constructor_kwargs=dict(model_tasks=models.model_tasks, text_column=text_column),
+        fn_constructor_kwargs=dict(model_tasks=models.model_tasks, text_column=text_column, report=report),
         batch_format="pyarrow",
         batch_size=None,
         compute=ActorPoolStrategy(min_size=1, max_size=2),
@@ -140,14 +145,14 @@ def label_stages(
     )
 
 
-def build_dataset(p: Plan, device: str) -> Dataset:
+def build_dataset(p: Plan, device: str, report: Callable[[dict], None] | None = None) -> Dataset:
     """The lazy Ray Data plan of a job: read -> prepare -> infer -> postprocess (-> partition sanitiser)."""
     cfg, rt = p.config, p.config.runtime
     shards = p.good_shards
     fs = arrow_filesystem(filesystem_for(shards[0].url, cfg.input.storage_options))
     source = ShardDatasource(shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block)
     ds = ray.data.read_datasource(source, num_cpus=0.25)
-    ds = label_stages(ds, p.models, rt, cfg.input.text_column, cfg.input.max_chars, device)
+    ds = label_stages(ds, p.models, rt, cfg.input.text_column, cfg.input.max_chars, device, report)
     if cfg.output.partition_by:
         ds = ds.map_batches(
             PartitionSanitiser(cfg.output.partition_by),
@@ -156,6 +161,65 @@ def build_dataset(p: Plan, device: str) -> Dataset:
             num_cpus=0.25,
         )
     return ds
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+@ray.remote(num_cpus=0)
+class _ProgressActor:
+    def __init__(self, total: int):
+        self.progress = Progress(total)
+
+    def add(self, batch: dict) -> None:
+        self.progress.add(batch)
+
+    def get(self) -> Progress:
+        return self.progress
+
+
+def _send(actor, batch: dict) -> None:
+    actor.add.remote(batch)
+
+
+class ProgressFeed:
+    """The postprocess stage's counts, gathered in one small actor; ``watching`` hands a ``Progress``
+    to a callback from a driver thread every ``every`` seconds, and once more at the end."""
+
+    def __init__(self, total: int):
+        self.actor = _ProgressActor.remote(total)
+        self.report = functools.partial(_send, self.actor)
+
+    def snapshot(self) -> Progress:
+        return ray.get(self.actor.get.remote())
+
+    @contextmanager
+    def watching(self, callback: Callable[[Progress], None] | None, every: float = 1.0) -> Iterator[None]:
+        done = threading.Event()
+
+        def pump() -> None:
+            while not done.wait(every):
+                callback(self.snapshot())
+
+        thread = threading.Thread(target=pump, name="bertpipe-progress", daemon=True)
+        if callback is not None:
+            thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            if callback is not None:
+                thread.join()
+                callback(self.snapshot())
+
+    def close(self) -> None:
+        ray.kill(self.actor)
+
+
+def quiet_ray_data(quiet: bool) -> None:
+    """Ray Data's own progress bars and INFO lines, off unless the user asked for detail (``-v``)."""
+    ray.data.DataContext.get_current().enable_progress_bars = not quiet
+    logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 # ------------------------------------------------------------------------------------------------ write

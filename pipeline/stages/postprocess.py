@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyarrow as pa
 
 from bertpipe import columns as C
@@ -12,9 +14,15 @@ from bertpipe.tasks.base import TaskBatch
 
 
 class PostprocessStage:
-    def __init__(self, model_tasks: list[ModelTask], text_column: str):
+    """``__call__(table) -> table``. ``report``, when given, receives each batch's counts (rows, errors,
+    and per task what its kind tallies): the run's progress and the summary's label counts."""
+
+    def __init__(
+        self, model_tasks: list[ModelTask], text_column: str, report: Callable[[dict], None] | None = None
+    ):
         self.model_tasks = model_tasks
         self.text_column = text_column
+        self.report = report
         self.processors = {
             mt.task.name: kind_of(mt.task).postprocessor(
                 mt.task, mt.info, lambda mt=mt: load_tokenizer(mt.info.source, mt.task)
@@ -36,6 +44,16 @@ class PostprocessStage:
                 errors[row] = errors[row] or reason
             table = table.set_column(
                 table.schema.get_field_index(C.ERROR), C.ERROR, pa.array(errors, pa.string())
+            )
+        if self.report is not None:
+            self.report(
+                {
+                    "rows": table.num_rows,
+                    "errors": table.num_rows - table.column(C.ERROR).null_count,
+                    "tasks": {
+                        mt.task.name: kind_of(mt.task).tally(mt.task, outputs) for mt in self.model_tasks
+                    },
+                }
             )
         keep = [name for name in table.column_names if not name.startswith(C.INTERNAL_PREFIX)]
         table = table.select(keep)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from bertpipe import columns as C
@@ -77,6 +78,12 @@ class TaskBatch:
         return self.column(C.token_ids(g)), self.column(C.token_offsets(g)), self.column(C.special_mask(g))
 
 
+def value_counts(values: pa.Array) -> dict[str, int]:
+    """Non-null values and how often each occurs."""
+    counts = pc.value_counts(values.drop_null())
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True))
+
+
 class Postprocessor:
     """Logits of one task -> its output columns. ``failures`` names rows whose outputs failed."""
 
@@ -109,6 +116,11 @@ class Kind:
 
     def output_fields(self, task: TaskBase) -> list[pa.Field]:
         raise NotImplementedError
+
+    def tally(self, task: TaskBase, outputs: dict[str, pa.Array]) -> dict[str, int]:
+        """Counts of what this batch's outputs hold (labels, entity types), for progress and the run
+        summary; ``outputs`` are the columns ``postprocessor`` returned."""
+        return {}
 
     def postprocessor(self, task: TaskBase, info: ModelInfo, tokenizer: Callable[[], Any]) -> Postprocessor:
         """``tokenizer()`` loads the task's tokenizer, for kinds that need it to read tokens back."""

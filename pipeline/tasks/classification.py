@@ -13,7 +13,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from bertpipe import columns as C
-from bertpipe.tasks.base import Kind, Postprocessor, TaskBase, TaskBatch
+from bertpipe.tasks.base import Kind, Postprocessor, TaskBase, TaskBatch, value_counts
 
 TOP_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
 
@@ -115,6 +115,9 @@ class Classification(Kind):
 
     def postprocessor(self, task: ClassificationTask, info, tokenizer) -> Postprocessor:
         return ClassificationPostprocess(task, info)
+
+    def tally(self, task: ClassificationTask, outputs: dict[str, pa.Array]) -> dict[str, int]:
+        return value_counts(outputs[C.label(task.name)])
 
 
 KIND = Classification()

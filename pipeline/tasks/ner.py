@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from bertpipe.tasks.base import Kind, Postprocessor, TaskBase, TaskBatch
+from bertpipe.tasks.base import Kind, Postprocessor, TaskBase, TaskBatch, value_counts
 
 ENTITY_TYPE = pa.list_(
     pa.struct(
@@ -154,6 +154,10 @@ class Ner(Kind):
 
     def postprocessor(self, task: NerTask, info, tokenizer) -> Postprocessor:
         return NerPostprocess(task, info, tokenizer())
+
+    def tally(self, task: NerTask, outputs: dict[str, pa.Array]) -> dict[str, int]:
+        """Entities by type."""
+        return value_counts(outputs[task.name].flatten().field("entity_group"))
 
 
 KIND = Ner()
