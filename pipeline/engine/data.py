@@ -220,6 +220,8 @@ def quiet_ray_data(quiet: bool) -> None:
     """Ray Data's own progress bars and INFO lines, off unless the user asked for detail (``-v``)."""
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
     logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
+    # its notice that the bars are off is itself noise when we turned them off
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR if quiet else logging.INFO)
 
 
 # ------------------------------------------------------------------------------------------------ write

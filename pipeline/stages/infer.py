@@ -18,6 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 import torch
+from transformers.utils.logging import disable_progress_bar
 
 from bertpipe import columns as C
 from bertpipe.config import RuntimeConfig
@@ -134,6 +135,7 @@ class InferStage:
         worker_resources: Callable[[], dict] | None = None,
     ):
         configure_worker_logging()
+        disable_progress_bar()  # a bar per weight file in every actor's log says nothing to the user
         threads = runtime.threads_per_actor or default_threads(runtime)
         torch.set_num_threads(threads)
         self.device = resolve_device(device)
