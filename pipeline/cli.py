@@ -58,8 +58,14 @@ def _setup_logging(verbose: bool) -> None:
 
 
 @app.command()
-def validate(config: str, set_: SetOption = None) -> None:
-    """Check a config, its models and every input file without running the models."""
+def validate(
+    config: str,
+    set_: SetOption = None,
+    estimate: Annotated[
+        bool, typer.Option(help="Also estimate tokens and duration (one calibration forward pass).")
+    ] = True,
+) -> None:
+    """Check a config, its models and every input file; then estimate what the job will cost."""
     from bertpipe.plan import plan
 
     _setup_logging(False)
@@ -78,6 +84,18 @@ def validate(config: str, set_: SetOption = None) -> None:
     table.add_row(
         "ids", f"derived into {p.derive_id!r}" if p.derive_id else f"column {cfg.input.id_column!r}"
     )
+    if estimate and p.rows_in:
+        from bertpipe.estimate import estimate as estimate_job
+        from bertpipe.progress import format_seconds
+
+        cost = estimate_job(p, cfg.runtime.device)
+        basis = "counted" if cost.exact else f"estimated from a {cost.sample_rows}-row sample"
+        for task, tokens in cost.tokens.items():
+            table.add_row(f"tokens: {task}", f"{tokens:,} ({basis})")
+        table.add_row(
+            "model time",
+            f"about {format_seconds(cost.seconds)} on {cost.device} (calibrated on this machine)",
+        )
     out.print(table)
 
 
