@@ -23,7 +23,7 @@ from bertpipe.io import writer
 from bertpipe.io.state import OutputLock
 from bertpipe.io.writer import OutputLocation
 from bertpipe.runner import execute
-from bertpipe.stages import infer
+from bertpipe.engine import data
 from bertpipe.stages.infer import InferStage
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def test_killed_model_actor_is_restarted_and_its_batches_redone(
 ):
     CrashOnceInferStage.marker = str(tmp_path / "crashed")
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor must get this class by value
-    monkeypatch.setattr(infer, "InferStage", CrashOnceInferStage)
+    monkeypatch.setattr(data, "InferStage", CrashOnceInferStage)  # the stage the engine's graph uses
     out = tmp_path / "out"
     summary = execute(_config(fault_corpus[0], out, models))
     crashed_pid = int((tmp_path / "crashed").read_text())
