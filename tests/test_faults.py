@@ -19,11 +19,11 @@ from conftest import base_config, make_texts, write_config, write_shards
 from ray import cloudpickle
 
 from bertpipe.config import ConfigError, JobConfig
+from bertpipe.engine import data
 from bertpipe.io import writer
 from bertpipe.io.state import OutputLock
 from bertpipe.io.writer import OutputLocation
 from bertpipe.runner import execute
-from bertpipe.engine import data
 from bertpipe.stages.infer import InferStage
 
 pytestmark = pytest.mark.slow
