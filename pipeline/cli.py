@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +20,8 @@ from bertpipe.summary import RunSummary
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch BERT labelling on Ray Data.")
 out = Console()
 err = Console(stderr=True)
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what pydantic generates
+_verbose = False  # -v: a failure prints its traceback before its one line
 
 SetOption = Annotated[
     list[str] | None,
@@ -42,11 +46,16 @@ def _main(
 
 
 def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr and the exit code; called while handling the failure, whose traceback -v shows."""
+    if _verbose and sys.exc_info()[1] is not None:
+        traceback.print_exc()
     err.print(f"bertpipe: error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _setup_logging(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -56,16 +65,25 @@ def _setup_logging(verbose: bool) -> None:
 
 
 @app.command()
-def validate(config: str, set_: SetOption = None) -> None:
-    """Check a config, its models and every input file without running the models."""
+def validate(
+    config: str,
+    set_: SetOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks of failures.")] = False,
+) -> None:
+    """Check a config, its output, its models and every input file without running the models."""
+    from bertpipe.io.paths import redact
     from bertpipe.plan import plan
+    from bertpipe.runner import check_output
 
-    _setup_logging(False)
+    _setup_logging(verbose)
     try:
         cfg = load_config(config, set_ or [])
+        _, todo = check_output(cfg)
         p = plan(cfg)
     except ConfigError as exc:
         _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the CLI turns any failure into one line and a code
+        _fail(f"validate failed: {type(exc).__name__}: {_first_line(exc)}", code=1)
     table = Table(title=f"{config}: OK")
     table.add_column("what")
     table.add_column("value")
@@ -76,7 +94,23 @@ def validate(config: str, set_: SetOption = None) -> None:
     table.add_row(
         "ids", f"derived into {p.derive_id!r}" if p.derive_id else f"column {cfg.input.id_column!r}"
     )
+    table.add_row(
+        "output",
+        f"{redact(cfg.output.path)} ({cfg.output.mode.value}{'' if todo else ': complete, nothing to do'})",
+    )
     out.print(table)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the job config, for editors (YAML language servers) and CI linting."""
+    from bertpipe.config import JobConfig
+
+    print(json.dumps({"$schema": JSON_SCHEMA_DIALECT, **JobConfig.model_json_schema()}, indent=2))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
 
 
 @app.command()
@@ -94,9 +128,7 @@ def run(
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - the CLI turns any failure into one line and a code
-        logging.getLogger("bertpipe").debug("run failed", exc_info=True)
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        _fail(f"run failed: {type(exc).__name__}: {first}", code=1)
+        _fail(f"run failed: {type(exc).__name__}: {_first_line(exc)}", code=1)
     print_summary(summary)
 
 
