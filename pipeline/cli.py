@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +22,8 @@ from bertpipe.summary import RunSummary
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch BERT labelling on Ray Data.")
 out = Console()
 err = Console(stderr=True)
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what pydantic generates
+_verbose = False  # -v: a failure prints its traceback before its one line
 
 SetOption = Annotated[
     list[str] | None,
@@ -44,11 +48,16 @@ def _main(
 
 
 def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr and the exit code; called while handling the failure, whose traceback -v shows."""
+    if _verbose and sys.exc_info()[1] is not None:
+        traceback.print_exc()
     err.print(f"bertpipe: error: {message}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _setup_logging(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -64,16 +73,22 @@ def validate(
     estimate: Annotated[
         bool, typer.Option(help="Also estimate tokens and duration (one calibration forward pass).")
     ] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks of failures.")] = False,
 ) -> None:
-    """Check a config, its models and every input file; then estimate what the job will cost."""
+    """Check a config, its output, its models and every input file; then estimate what the job will cost."""
+    from bertpipe.io.paths import redact
     from bertpipe.plan import plan
+    from bertpipe.runner import check_output
 
-    _setup_logging(False)
+    _setup_logging(verbose)
     try:
         cfg = load_config(config, set_ or [])
+        _, todo = check_output(cfg)
         p = plan(cfg)
     except ConfigError as exc:
         _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the CLI turns any failure into one line and a code
+        _fail(f"validate failed: {type(exc).__name__}: {_first_line(exc)}", code=1)
     table = Table(title=f"{config}: OK")
     table.add_column("what")
     table.add_column("value")
@@ -83,6 +98,10 @@ def validate(
     table.add_row("tokenisations", str(len(p.models.groups)))
     table.add_row(
         "ids", f"derived into {p.derive_id!r}" if p.derive_id else f"column {cfg.input.id_column!r}"
+    )
+    table.add_row(
+        "output",
+        f"{redact(cfg.output.path)} ({cfg.output.mode.value}{'' if todo else ': complete, nothing to do'})",
     )
     if estimate and p.rows_in:
         from bertpipe.estimate import estimate as estimate_job
@@ -97,6 +116,18 @@ def validate(
             f"about {format_seconds(cost.seconds)} on {cost.device} (calibrated on this machine)",
         )
     out.print(table)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the job config, for editors (YAML language servers) and CI linting."""
+    from bertpipe.config import JobConfig
+
+    print(json.dumps({"$schema": JSON_SCHEMA_DIALECT, **JobConfig.model_json_schema()}, indent=2))
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
 
 
 @app.command()
@@ -115,9 +146,7 @@ def run(
     except ConfigError as exc:
         _fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - the CLI turns any failure into one line and a code
-        logging.getLogger("bertpipe").debug("run failed", exc_info=True)
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        _fail(f"run failed: {type(exc).__name__}: {first}", code=1)
+        _fail(f"run failed: {type(exc).__name__}: {_first_line(exc)}", code=1)
     print_summary(summary)
 
 

@@ -5,18 +5,31 @@ The names here are the user-facing contract (see README "Config reference").
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import os
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from bertpipe.errors import ConfigError
 from bertpipe.tasks import KINDS, TaskConfig
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+ENV_PREFIX = "BERTPIPE_"
+
+log = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -29,8 +42,15 @@ class InputFormat(str, Enum):
     jsonl = "jsonl"
 
 
+_PATHS_SCHEMA = {
+    "title": "Paths",
+    "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+}
+
+
 class InputConfig(_Strict):
-    paths: list[str] = Field(min_length=1)
+    # One path may be given as a string (``_one_path_is_a_list``); the schema says so for editors too.
+    paths: Annotated[list[str], WithJsonSchema(_PATHS_SCHEMA)] = Field(min_length=1)
     format: InputFormat = InputFormat.auto
     text_column: str = "text"
     id_column: str | None = "id"
@@ -116,34 +136,75 @@ class JobConfig(_Strict):
         return self
 
 
+def set_key(raw: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    """Set the dotted ``key`` in ``raw``; numeric parts index into lists (``tasks.0.model``). Missing
+    mappings are created, list items are not: ``origin`` (``--set KEY``, a variable) names the culprit."""
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{origin}: {where} has {len(node)} items; {part!r} is not an index in it")
+            index: Any = int(part)
+        elif isinstance(node, dict):
+            index = part
+        else:
+            raise ConfigError(f"{origin}: {where} is not a mapping or a list")
+        if i == len(parts) - 1:
+            node[index] = value
+        else:
+            node = node.setdefault(index, {}) if isinstance(node, dict) else node[index]
+
+
+def _yaml_value(value: str, origin: str) -> Any:
+    """A ``--set`` or environment value as YAML (``[x, y]``, ``3``, ``null``); empty is the empty string."""
+    try:
+        return yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: the value is not valid YAML: {str(exc).splitlines()[0]}") from exc
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``--set a.b.c=VALUE`` overrides; VALUE is parsed as YAML (``[x, y]``, ``3``, ``null``)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+        origin = f"--set {key.strip()}"
+        set_key(raw, key, _yaml_value(value, origin), origin)
     return raw
 
 
-def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a YAML mapping from a local file and apply ``--set`` overrides."""
+def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], sections: Iterable[str]) -> None:
+    """Apply ``BERTPIPE_OUTPUT__PATH=/x`` as ``output.path``: ``__`` is a dot, keys are lower-cased, the
+    value is YAML as with ``--set``. Only variables that start with a config section count, so others
+    (``BERTPIPE_TORCH`` of scripts/setup) are no keys."""
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        if key.split(".")[0] in sections:
+            log.info("config key %s set from the environment (%s)", key, name)
+            set_key(raw, key, _yaml_value(environ[name], name), name)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping from a local file."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"config file not found: {p}")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {p}: cannot read it: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping")
-    return apply_overrides(raw, overrides or [])
+    return raw
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -163,9 +224,18 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "; ".join(lines)
 
 
-def load_yaml_as(model: type[ModelT], path: str | Path, overrides: list[str] | None = None) -> ModelT:
-    """Read a YAML file, apply overrides and validate it; every problem is one line naming the key."""
-    raw = read_yaml(path, overrides)
+def load_yaml_as(
+    model: type[ModelT],
+    path: str | Path,
+    overrides: list[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ModelT:
+    """Read a YAML file, apply ``environ``'s ``BERTPIPE_*`` keys, then the overrides, and validate it;
+    every problem is one line naming the key."""
+    raw = read_yaml(path)
+    if environ is not None:
+        apply_environment(raw, environ, model.model_fields)
+    apply_overrides(raw, overrides or [])
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
@@ -173,5 +243,7 @@ def load_yaml_as(model: type[ModelT], path: str | Path, overrides: list[str] | N
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> JobConfig:
-    """A job config from a YAML file, with ``--set``-style ``key=value`` overrides."""
-    return load_yaml_as(JobConfig, path, list(overrides))
+    """A job config from a YAML file. ``BERTPIPE_*`` environment variables override the file and
+    ``--set``-style ``key=value`` overrides win over both, so a Ray Job or a container can be configured
+    from its environment and a command line still has the last word."""
+    return load_yaml_as(JobConfig, path, list(overrides), os.environ)

@@ -20,7 +20,7 @@ from typing import Any
 from bertpipe import __version__
 from bertpipe.config import ConfigError, JobConfig
 from bertpipe.io.paths import redact, redact_options
-from bertpipe.io.state import Intent, Ledger, OutputLock, config_fingerprint, settle_checkpoint
+from bertpipe.io.state import Intent, Ledger, OutputLock, check_lock, config_fingerprint, settle_checkpoint
 from bertpipe.io.writer import OutputLocation, WriteStats, publish, staged_stats
 from bertpipe.plan import Plan, inspect_locally, plan
 from bertpipe.progress import Progress
@@ -108,7 +108,8 @@ class ParquetTarget:
         self.lock: OutputLock | None = None
 
     def begin(self) -> bool:
-        """Decide how this run publishes and whether it resumes an interrupted one; False: nothing to do."""
+        """Decide how this run publishes and whether it resumes an interrupted one; False: nothing to do.
+        Only reads: ``validate`` runs it too."""
         config, location = self.config, self.location
         mode = config.output.mode.value
         if mode == "resume":
@@ -134,6 +135,7 @@ class ParquetTarget:
                 f"output.path {redact(config.output.path)} already has data; "
                 "set output.mode to overwrite, append or incremental"
             )
+        check_lock(location, self.intent.run_id if self.intent else None)
         self.publish_mode = mode
         return True
 
@@ -234,6 +236,19 @@ class TableTarget:
         summary["table"] = self.info
 
 
+def check_output(config: JobConfig) -> tuple[ParquetTarget | TableTarget, bool]:
+    """The job's output, checked before any model runs, by ``run`` and ``validate`` alike: the mode
+    against what the output holds, a lock another run holds, a table's catalog and partitioning.
+    No data is written (a default Iceberg catalog creates its SQLite file); False: nothing to do (the
+    output a resume would finish is complete). A storage error on the way (permissions, a bucket that
+    does not exist) is reported as the output path's."""
+    try:
+        target = ParquetTarget(config) if config.output.format == "parquet" else TableTarget(config)
+        return target, target.begin()
+    except OSError as exc:
+        raise ConfigError(f"output.path {redact(config.output.path)}: {redact(str(exc))}") from exc
+
+
 def execute(
     config: JobConfig, on_progress: Callable[[Progress], None] | None = None, quiet: bool = False
 ) -> dict[str, Any]:
@@ -252,8 +267,8 @@ def execute(
 
     started = time.time()
     run_id = new_run_id()
-    target = ParquetTarget(config) if config.output.format == "parquet" else TableTarget(config)
-    if not target.begin():
+    target, todo = check_output(config)
+    if not todo:
         return nothing_to_do(run_id)
     # A local run checks its files in this process, so that bad input fails before Ray even starts.
     if config.runtime.address:

@@ -42,10 +42,11 @@ def _expect_user_error(tmp_path, cfg, *needles, command="run"):
     return lines[0]
 
 
-def test_unknown_key_names_the_key(job):
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_unknown_key_names_the_key(job, command):
     tmp_path, cfg = job
     cfg["runtime"]["batchsize"] = 3
-    _expect_user_error(tmp_path, cfg, "runtime.batchsize", "unknown key")
+    _expect_user_error(tmp_path, cfg, "runtime.batchsize", "unknown key", command=command)
 
 
 def test_bad_value_names_the_key(job):
@@ -54,26 +55,29 @@ def test_bad_value_names_the_key(job):
     _expect_user_error(tmp_path, cfg, "tasks.1.kind", command="validate")
 
 
-def test_missing_input(job):
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_missing_input(job, command):
     tmp_path, cfg = job
     cfg["input"]["paths"] = [str(tmp_path / "nowhere")]
-    _expect_user_error(tmp_path, cfg, "input.paths", "nowhere")
+    _expect_user_error(tmp_path, cfg, "input.paths", "nowhere", command=command)
 
 
-def test_missing_text_column(job):
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_missing_text_column(job, command):
     tmp_path, cfg = job
     cfg["input"]["text_column"] = "body"
-    _expect_user_error(tmp_path, cfg, "no text column 'body'")
+    _expect_user_error(tmp_path, cfg, "no text column 'body'", command=command)
 
 
-def test_unloadable_model(job):
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_unloadable_model(job, command):
     tmp_path, cfg = job
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     (broken / "model.safetensors").write_bytes(b"garbage")
     cfg["tasks"][0]["model"] = str(broken)
-    _expect_user_error(tmp_path, cfg, "task 'topic'", "cannot load model")
+    _expect_user_error(tmp_path, cfg, "task 'topic'", "cannot load model", command=command)
 
 
 def test_missing_model_folder(job):

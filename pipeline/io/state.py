@@ -88,12 +88,31 @@ def settle_checkpoint(location: OutputLocation) -> int:
     return len(done)
 
 
+def lock_path(location: OutputLocation) -> str:
+    """``.<name>.lock`` beside the output."""
+    path = location.path.rstrip("/") + ".lock"
+    return posixpath.join(posixpath.dirname(path), "." + posixpath.basename(path))
+
+
+def check_lock(location: OutputLocation, take_over_from: str | None = None) -> dict[str, Any] | None:
+    """The lock's record; raises naming the run that holds it unless it is free or held by
+    ``take_over_from`` (the interrupted run a resume finishes). Only reads, so that ``validate`` can
+    report a holder without taking the lock."""
+    held = _read_json(location.fs, lock_path(location))
+    if held and held.get("run_id") != take_over_from:
+        raise ConfigError(
+            f"output {redact(location.path)} is being written by run {held.get('run_id')} "
+            f"(host {held.get('host')}, pid {held.get('pid')}); if that run died, rerun with "
+            f"output.mode: resume, or delete {redact(lock_path(location))}"
+        )
+    return held
+
+
 class OutputLock:
     def __init__(self, location: OutputLocation, run_id: str):
         self.location = location
         self.run_id = run_id
-        self.path = location.path.rstrip("/") + ".lock"
-        self.path = posixpath.join(posixpath.dirname(self.path), "." + posixpath.basename(self.path))
+        self.path = lock_path(location)
 
     def holder(self) -> dict[str, Any] | None:
         return _read_json(self.location.fs, self.path)
@@ -108,13 +127,7 @@ class OutputLock:
             "pid": os.getpid(),
             "since": time.time(),
         }
-        held = self.holder()
-        if held and held.get("run_id") != take_over_from:
-            raise ConfigError(
-                f"output {redact(self.location.path)} is being written by run {held.get('run_id')} "
-                f"(host {held.get('host')}, pid {held.get('pid')}); if that run died, rerun with "
-                f"output.mode: resume, or delete {redact(self.path)}"
-            )
+        held = check_lock(self.location, take_over_from)
         if held:
             fs.rm(self.path)
         try:

@@ -25,6 +25,7 @@ from fsspec.core import url_to_fs
 
 from bertpipe import columns as C
 from bertpipe.config import ConfigError
+from bertpipe.io.paths import redact
 
 SUCCESS = "_SUCCESS"
 RUNS = "_runs"
@@ -45,7 +46,10 @@ class OutputLocation:
 
     @classmethod
     def from_url(cls, url: str, storage_options: dict[str, Any]) -> OutputLocation:
-        fs, path = url_to_fs(url, **storage_options)
+        try:
+            fs, path = url_to_fs(url, **storage_options)
+        except (ImportError, ValueError) as exc:  # an unknown protocol, a filesystem not installed
+            raise ConfigError(f"output.path: cannot open {redact(url)}: {exc}") from exc
         if getattr(fs, "dircache", None) is not None:
             # Ray's workers and cleanup tasks change these folders from other processes: a cached
             # listing here (or in the filesystem handed to Ray) would miss or resurrect files.

@@ -169,11 +169,59 @@ def _planning_tokenizer(folder: Path, task: TaskBase):
     return load_tokenizer(str(folder), task)
 
 
+# Where a trained task head lives in a checkpoint: BERT-family ``classifier.*`` (RoBERTa's is a module),
+# decoder classifiers' ``score.*``, BART-style ``classification_head.*``.
+_HEAD_PREFIXES = ("classifier.", "score.", "classification_head.")
+
+
+def tensor_names(folder: Path, weights: list[Path]) -> set[str] | None:
+    """The tensor names of a model's safetensors weights, read from the file headers (or a sharded
+    checkpoint's index) without loading a tensor or importing torch; None for pickle weights, which
+    cannot be listed without unpickling them."""
+    index = sorted(folder.glob("*.safetensors.index.json"))
+    if index:
+        with open(index[0], encoding="utf-8") as fh:
+            return set(json.load(fh)["weight_map"])
+    if not weights or weights[0].suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for path in weights:
+        with safe_open(path, framework="numpy") as fh:
+            names.update(fh.keys())
+    return names
+
+
+def check_head(task: TaskBase, config: dict, names: set[str] | None) -> None:
+    """Refuse a model whose task head ``from_pretrained`` would initialise at random, such as a bare
+    encoder given as a classifier: it loads with a warning only and labels every text with noise.
+
+    ``config.json``'s ``architectures`` must name the head of the kind's Auto class (a checkpoint
+    without the key passes this part), and the weights must hold the head's tensors."""
+    head = kind_of(task).auto_model.removeprefix("AutoModel")  # e.g. ForSequenceClassification
+    architectures = config.get("architectures") or []
+    if architectures and not any(a.endswith(head) for a in architectures):
+        detail = f"architectures: [{', '.join(architectures)}]"
+    elif names is not None and not any(
+        n.startswith(_HEAD_PREFIXES) or n.endswith(".classifier.weight") for n in names
+    ):
+        detail = f"its weights hold no {', '.join(p + '*' for p in _HEAD_PREFIXES)} tensors"
+    else:
+        return
+    raise ConfigError(
+        f"task {task.name!r}: model {task.model} has no trained {head} head ({detail}); "
+        "fine-tune it with bertpipe finetune or pick a classifier"
+    )
+
+
 def inspect_model(task: TaskBase) -> ModelInfo:
     folder = _local_folder(task)
-    weights = weight_files(folder, task.allow_pickle, f"task {task.name!r}", task.model)
     try:
+        weights = weight_files(folder, task.allow_pickle, f"task {task.name!r}", task.model)
         config = _model_config(folder)
+        check_head(task, config, tensor_names(folder, weights))
+        sha256 = _sha256(weights)
         tok = _planning_tokenizer(folder, task)
         key = tokenizer_key(tok)  # before the probe: calling a fast tokenizer sets its truncation state
         problem = windows_problem(tok) if kind_of(task).all_windows(task) else None
@@ -198,7 +246,7 @@ def inspect_model(task: TaskBase) -> ModelInfo:
         id2label=id2label,
         problem_type=config.get("problem_type"),
         tokenizer_key=key,
-        weights_sha256=_sha256(weights),
+        weights_sha256=sha256,
         weight_files=tuple(p.name for p in weights),
     )
 
