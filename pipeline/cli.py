@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bertpipe import __version__
@@ -28,6 +29,10 @@ _verbose = False  # -v: a failure prints its traceback before its one line
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: --set output.path=/tmp/out (value parsed as YAML)."),
+]
+TableOption = Annotated[
+    str | None,
+    typer.Option("--table", help="Iceberg output: the table identifier (default bertpipe.enriched)."),
 ]
 
 
@@ -241,6 +246,52 @@ class RunProgress:
             out.print(f"{stamp} {progress.line()}", highlight=False, markup=False, soft_wrap=True)
 
 
+@app.command("inspect")
+def inspect_command(
+    output: str,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout, not tables.")] = False,
+    table: TableOption = None,
+) -> None:
+    """Summarise a finished output: rows, errors by reason, labels and scores, entities, and runs.
+
+    Example: bertpipe inspect labelled/ --json | jq .tasks.sentiment.labels
+    """
+    from bertpipe.report.inspect import inspect_output
+
+    try:
+        report = inspect_output(output, table)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_inspection(report)
+
+
+@app.command("report")
+def report_command(
+    output: str,
+    html: Annotated[Path, typer.Option("--html", help="The HTML file to write.")],
+    table: TableOption = None,
+) -> None:
+    """Write one self-contained HTML page (opens offline) with plots of what `inspect` shows.
+
+    Example: bertpipe report labelled/ --html labelled.html
+    """
+    from bertpipe.report.html import write_report
+    from bertpipe.report.inspect import inspect_output
+
+    try:
+        report = inspect_output(output, table)
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        write_report(report, html)
+    except OSError as exc:
+        _fail(f"{html}: cannot write the report: {exc.strerror or exc}")
+    out.print(f"wrote {escape(str(html))}", highlight=False)
+
+
 class TrainingProgress:
     """A rich progress bar per model, fed by fine-tuning events (from a background thread). Where the
     output is not a terminal (a CI log, a file) bars do not render, so milestones print as lines."""
@@ -310,6 +361,54 @@ def print_examples(output: Path, limit: int = 5) -> None:
             entities,
         )
     out.print(table)
+
+
+def print_inspection(report: dict) -> None:
+    """``bertpipe inspect`` as rich tables. Values from the data are escaped: a label may hold [brackets]."""
+    where = report["format"] + (f" table {report['table']}" if report["table"] else "")
+    table = Table(title=escape(f"{report['output']} ({where})"))
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("rows", "rows_ok", "rows_error"):
+        table.add_row(key, str(report[key]))
+    for reason, count in report["errors_by_reason"].items():
+        table.add_row(f"  error: {escape(reason)}", str(count))
+    if not report["complete"]:
+        table.add_row("complete", "no (_SUCCESS missing)")
+    out.print(table)
+    for name, task in report["tasks"].items():
+        if task["kind"] == "ner":
+            source = "the row's text" if task["entity_text"] == "text" else "the word field"
+            table = Table(title=f"{name} (ner)", caption=f"entity text from {source}")
+            for column in ("type", "entities", "top entities (mentions)"):
+                table.add_column(column)
+            for group, count in task["entities"].items():
+                text = ", ".join(f"{e['text']} ({e['count']})" for e in task["top_entities"][group])
+                table.add_row(escape(group), str(count), escape(text))
+        else:
+            table = Table(title=f"{name} ({task['kind']})")
+            table.add_column("label")
+            table.add_column("rows", justify="right")
+            table.add_column("share", justify="right")
+            total = sum(task["labels"].values())
+            for label, count in task["labels"].items():
+                table.add_row(escape(label), str(count), f"{count / total:.1%}")
+        out.print(table)
+        if task.get("scores"):
+            out.print(
+                "score: " + "  ".join(f"{k} {v:.4f}" for k, v in task["scores"].items()), highlight=False
+            )
+    if report["runs"]:
+        table = Table(title="runs")
+        table.add_column("run_id", no_wrap=True)
+        table.add_column("start (UTC)", no_wrap=True)
+        for column in ("rows_out", "rows_ok", "errors", "seconds", "rows/s"):
+            table.add_column(column, justify="right")
+        for run in report["runs"]:
+            start = (run["start"] or "")[:19].replace("T", " ")
+            counts = (run[k] for k in ("rows_out", "rows_ok", "rows_error", "seconds", "rows_per_s"))
+            table.add_row(run["run_id"], start, *("" if v is None else str(v) for v in counts))
+        out.print(table)
 
 
 def print_summary(summary: RunSummary) -> None:

@@ -265,7 +265,8 @@ def test_validate_imports_neither_torch_nor_ray(job):
     probe = (
         "import sys\n"
         "from bertpipe.cli import app\n"
-        f"try:\n    app(['validate', {path!r}, '--no-estimate'])\nexcept SystemExit as exc:\n    assert exc.code == 0, exc\n"
+        f"try:\n    app(['validate', {path!r}, '--no-estimate'])\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc\n"
         "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))\n"
     )
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=ENV)
