@@ -26,6 +26,13 @@ err = Console(stderr=True)
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"  # what pydantic generates
 _verbose = False  # -v: a failure prints its traceback before its one line
 
+JobArgument = Annotated[str, typer.Argument(help="The job's YAML config file.", show_default=False)]
+OutputArgument = Annotated[
+    str, typer.Argument(help="A finished output: a Parquet folder, or a Delta/Iceberg table's folder.")
+]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Show INFO logs and the traceback of a failure.")
+]
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key: --set output.path=/tmp/out (value parsed as YAML)."),
@@ -73,14 +80,17 @@ def _setup_logging(verbose: bool) -> None:
 
 @app.command()
 def validate(
-    config: str,
+    config: JobArgument,
     set_: SetOption = None,
     estimate: Annotated[
         bool, typer.Option(help="Also estimate tokens and duration (one calibration forward pass).")
     ] = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks of failures.")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
-    """Check a config, its output, its models and every input file; then estimate what the job will cost."""
+    """Check a config, its output, its models and every input file; then estimate what the job will cost.
+
+    Example: bertpipe validate configs/example.yaml --set output.path=/tmp/out
+    """
     from bertpipe.io.paths import redact
     from bertpipe.plan import plan
     from bertpipe.runner import check_output
@@ -125,7 +135,10 @@ def validate(
 
 @app.command()
 def schema() -> None:
-    """Print the JSON Schema of the job config, for editors (YAML language servers) and CI linting."""
+    """Print the JSON Schema of the job config, for editors (YAML language servers) and CI linting.
+
+    Example: bertpipe schema > bertpipe.schema.json
+    """
     from bertpipe.config import JobConfig
 
     print(json.dumps({"$schema": JSON_SCHEMA_DIALECT, **JobConfig.model_json_schema()}, indent=2))
@@ -137,11 +150,14 @@ def _first_line(exc: BaseException) -> str:
 
 @app.command()
 def run(
-    config: str,
+    config: JobArgument,
     set_: SetOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
-    """Run a job: read, label with every task, write partitioned output and a run summary."""
+    """Run a job: read, label with every task, write partitioned output and a run summary.
+
+    Example: bertpipe run configs/example.yaml --set output.mode=overwrite --set runtime.dtype=float32
+    """
     from bertpipe.api import run as run_job
 
     _setup_logging(verbose)
@@ -156,8 +172,14 @@ def run(
 
 
 @app.command()
-def finetune(config: str, set_: SetOption = None) -> None:
-    """Fine-tune a BERT classifier or tagger on labelled data (Ray Train); saves a folder `run` can use."""
+def finetune(
+    config: Annotated[str, typer.Argument(help="The fine-tuning YAML config file.", show_default=False)],
+    set_: SetOption = None,
+) -> None:
+    """Fine-tune a BERT classifier or tagger on labelled data (Ray Train); saves a folder `run` can use.
+
+    Example: bertpipe finetune configs/finetune-sentiment.yaml --set epochs=1
+    """
     from bertpipe.train.config import load_finetune_config
     from bertpipe.train.trainer import run_finetune
 
@@ -180,7 +202,10 @@ def demo(
     quick: Annotated[bool, typer.Option(help="Few training steps and a small corpus (CI).")] = False,
     rows: Annotated[int, typer.Option(help="Rows in the sample corpus.")] = 600,
 ) -> None:
-    """Offline demo: fine-tune three demo models once (cached), then label a sample corpus with them."""
+    """Offline demo: fine-tune three demo models once (cached), then label a sample corpus with them.
+
+    Example: bertpipe demo --workdir /tmp/demo
+    """
     from bertpipe.api import run as run_job
     from bertpipe.demo.run import job_config, train_models, write_corpus
     from bertpipe.engine.cluster import connect
@@ -248,7 +273,7 @@ class RunProgress:
 
 @app.command("inspect")
 def inspect_command(
-    output: str,
+    output: OutputArgument,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout, not tables.")] = False,
     table: TableOption = None,
 ) -> None:
@@ -270,7 +295,7 @@ def inspect_command(
 
 @app.command("report")
 def report_command(
-    output: str,
+    output: OutputArgument,
     html: Annotated[Path, typer.Option("--html", help="The HTML file to write.")],
     table: TableOption = None,
 ) -> None:

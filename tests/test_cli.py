@@ -109,3 +109,16 @@ def test_cuda_device_schedules_gpu_actors_on_a_fake_gpu(tmp_path, models):
     summary = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
     assert summary["device"] == "cuda" and summary["rows_out"] == 20
     assert yaml.safe_load(path.read_text())["runtime"]["device"] == "cuda"
+
+
+def test_every_command_argument_and_option_has_help_and_every_command_an_example():
+    import typer.main
+
+    from bertpipe.cli import app
+
+    group = typer.main.get_command(app)
+    assert set(group.commands) >= {"validate", "run", "schema", "finetune", "demo", "inspect", "report"}
+    for name, command in group.commands.items():
+        assert "Example: bertpipe " + name in (command.help or ""), name
+        for param in command.params:
+            assert getattr(param, "help", None), f"{name}: {param.name} has no help"
