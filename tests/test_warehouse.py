@@ -200,7 +200,7 @@ def test_iceberg_create_append_overwrite(small_corpus, models, materialized, exp
     before = table.scan(snapshot_id=appended.info["snapshot_id"]).to_arrow()
     check_rows(before, rows, expected, copies=2)  # time travel still sees the rows overwritten
 
-    _, emptied = write(cfg, "run-4", materialized.limit(0), verify=lambda stats: None)
+    _, emptied = write(cfg, "run-4", materialized.limit(0), verify=lambda p, stats: None)
     assert emptied.stats.rows == 0
     assert catalog.load_table("bertpipe.enriched").scan().to_arrow().num_rows == 0
 
@@ -239,7 +239,7 @@ def test_delta_create_append_overwrite(small_corpus, models, materialized, expec
     check_rows(table.to_pyarrow_table(), rows, expected)
     check_rows(DeltaTable(str(out), version=1).to_pyarrow_table(), rows, expected, copies=2)
 
-    _, emptied = write(cfg, "run-4", materialized.limit(0), verify=lambda stats: None)
+    _, emptied = write(cfg, "run-4", materialized.limit(0), verify=lambda p, stats: None)
     assert emptied.stats.rows == 0 and emptied.info["version"] == 3
     assert DeltaTable(str(out)).to_pyarrow_table().num_rows == 0
 
@@ -264,7 +264,7 @@ def test_failed_write_leaves_the_table_as_it_was(fmt, small_corpus, models, mate
     version, commits, data = _snapshot(fmt, out)
     assert data.num_rows == len(rows)
 
-    def refuse(stats):
+    def refuse(p, stats):
         assert stats.rows == len(rows) and stats.distinct_keys == len(rows) and stats.duplicate_ids == 0
         raise RuntimeError("refused by the check")
 
