@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 from conftest import base_config, make_texts, write_config, write_shards
-from tiny_models import tiny_tokenizer
-from transformers import BertConfig, BertModel
+from tiny_models import build_encoder, tiny_tokenizer
+from transformers import BertModel
 
 from bertpipe.config import ConfigError, apply_overrides, load_config
 from bertpipe.io.state import OutputLock
@@ -48,18 +48,7 @@ def one_error(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
     """A bare ``BertModel`` (no head), as pretrained encoders ship."""
-    folder = tmp_path_factory.mktemp("encoder")
-    tok = tiny_tokenizer()
-    config = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
-    BertModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return build_encoder(tmp_path_factory.mktemp("encoder"))
 
 
 @pytest.fixture

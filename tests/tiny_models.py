@@ -15,6 +15,7 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertForTokenClassification,
+    BertModel,
     BertTokenizerFast,
 )
 
@@ -44,6 +45,14 @@ def _config(labels: list[str], seed: int, **overrides) -> BertConfig:
     )
     params.update(overrides)
     return BertConfig(**params)
+
+
+def build_encoder(out_dir: str | Path) -> Path:
+    """Save a tiny bare ``BertModel`` (no head, as pretrained encoders ship) with its tokenizer."""
+    out = Path(out_dir)
+    BertModel(_config(["LABEL_0", "LABEL_1"], seed=0, num_hidden_layers=1)).save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out
 
 
 def build_sequence_classifier(
