@@ -245,7 +245,7 @@ def test_rows_of_good_files_are_all_there_and_equal_hf(skip_run, models):
 
 def test_validate_lists_what_a_run_would_skip(skip_run, caplog):
     config, *_, skipped = skip_run
-    validate, _ = cli("validate", str(config))
+    validate, _ = cli("validate", str(config), "--set", "output.mode=overwrite")  # the run wrote it
     assert validate.exit_code == 0, validate.output
     assert f"2 ({len(BAD_FILES)} skipped by policy)" in validate.stdout
     warnings = [r.getMessage() for r in caplog.records if r.name == "bertpipe.plan"]
