@@ -264,3 +264,39 @@ def test_the_model_stage_returns_freed_heap_memory_after_each_block(models, monk
     runtime = RuntimeConfig(dtype="float32", max_length=128, precision_check_rows=0)
     _run_stages([_task("topic", "classification", models["topic"])], make_texts(6, seed=2), runtime)
     assert calls == [0]
+
+
+def test_models_fine_tuned_from_one_base_share_one_tokenisation(tmp_path):
+    """A trainer saves its own truncation and padding settings; they do not change the tokens, which
+    bertpipe sets for every call, so the models share one tokenisation. A different normaliser does not."""
+    from tiny_models import build_sequence_classifier, build_token_classifier
+
+    plain = build_sequence_classifier(tmp_path / "plain", ["a", "b"])
+    tagger = build_token_classifier(tmp_path / "tagger")
+    trained = build_sequence_classifier(tmp_path / "trained", ["x", "y", "z"])
+    tok = AutoTokenizer.from_pretrained(trained)
+    tok.backend_tokenizer.enable_truncation(max_length=128)
+    tok.backend_tokenizer.enable_padding(length=128)
+    tok.save_pretrained(trained)
+    cased = build_sequence_classifier(tmp_path / "cased", ["a", "b"])
+    AutoTokenizer.from_pretrained(cased, do_lower_case=False).save_pretrained(cased)
+
+    tasks = [
+        parse_task(dict(name=n, kind=k, model=str(m)))
+        for n, k, m in [
+            ("plain", "classification", plain),
+            ("tagger", "ner", tagger),
+            ("trained", "classification", trained),
+            ("cased", "classification", cased),
+        ]
+    ]
+    models = plan_models(tasks)
+    groups = {mt.task.name: mt.group for mt in models.model_tasks}
+    assert groups["plain"] == groups["tagger"] == groups["trained"] != groups["cased"]
+    assert len(models.groups) == 2
+    texts = ["Ana María de la Fuente visited Eindhoven.", "GREAT value, would buy again!!"]
+    ids = {
+        n: AutoTokenizer.from_pretrained(m)(texts, truncation=True, max_length=512)["input_ids"]
+        for n, m in [("plain", plain), ("trained", trained), ("cased", cased)]
+    }
+    assert ids["plain"] == ids["trained"] != ids["cased"], "equal keys must mean equal tokens"

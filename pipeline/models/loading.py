@@ -140,8 +140,16 @@ def windows_problem(tok) -> str | None:
 
 
 def tokenizer_key(tok) -> str:
-    """Hash of the whole serialised tokenizer pipeline (normaliser, pre-tokeniser, vocabulary)."""
-    return hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:12]
+    """Hash of what decides the tokens: normaliser, pre-tokeniser, vocabulary, post-processor.
+
+    The saved truncation and padding settings are left out: bertpipe sets both itself for every call,
+    and they differ between checkpoints fine-tuned from one base (a trainer saves its own), which would
+    otherwise give models that share a vocabulary one tokenisation each."""
+    pipeline = json.loads(tok.backend_tokenizer.to_str())
+    pipeline.pop("truncation", None)
+    pipeline.pop("padding", None)
+    canonical = json.dumps(pipeline, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def _model_config(folder: Path) -> dict:
