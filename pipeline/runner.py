@@ -21,7 +21,7 @@ from bertpipe import __version__
 from bertpipe.config import ConfigError, JobConfig
 from bertpipe.io.paths import redact, redact_options
 from bertpipe.io.state import Intent, Ledger, OutputLock, check_lock, config_fingerprint, settle_checkpoint
-from bertpipe.io.writer import OutputLocation, WriteStats, publish, staged_stats
+from bertpipe.io.writer import OutputLocation, WriteStats, publish
 from bertpipe.plan import Plan, inspect_locally, plan
 from bertpipe.progress import Progress
 
@@ -165,10 +165,10 @@ class ParquetTarget:
             self.lock.release()
 
     def write(self, build, p: Plan, run_id: str) -> WriteStats:
-        from bertpipe.engine.data import write_staged_parquet
+        from bertpipe.engine.data import staged_stats, write_staged_parquet
 
         write_staged_parquet(build, self.location, self.config.output.partition_by)
-        stats = staged_stats(self.location, p.id_column)
+        stats = staged_stats(self.location, p.id_column, p.derive_id is not None, p.rows_in)
         verify_counts(p, stats)
         return stats
 
@@ -177,10 +177,7 @@ class ParquetTarget:
         Intent.remove(location)
 
         def record_ledger() -> None:
-            if Ledger.load(location).generation != ledger.generation:
-                raise RuntimeError("the incremental ledger changed during this run (a concurrent run?)")
-            ledger.record(p.good_shards, run_id)
-            ledger.save(location)
+            ledger.append(location, p.good_shards, run_id)
 
         publish(
             location,

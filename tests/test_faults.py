@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from conftest import base_config, make_texts, write_config, write_shards
 from ray import cloudpickle
@@ -21,7 +22,8 @@ from ray import cloudpickle
 from bertpipe.config import ConfigError, JobConfig
 from bertpipe.engine import data
 from bertpipe.io import writer
-from bertpipe.io.state import OutputLock
+from bertpipe.io.paths import Shard
+from bertpipe.io.state import Ledger, OutputLock
 from bertpipe.io.writer import OutputLocation
 from bertpipe.runner import execute
 from bertpipe.stages.infer import InferStage
@@ -205,5 +207,28 @@ def test_incremental_processes_only_new_files(ray_session, models, tmp_path):
     assert s3["rows_in"] == 15 and s3["files_in"] == 1
     got = read_output(out)
     assert sorted(got) == sorted(r["id"] for r in first + second)
-    ledger = json.loads((out / "_state" / "ledger.json").read_text())
-    assert len(ledger["files"]) == 3 and ledger["generation"] == 2
+    parts = sorted((out / "_state" / "ledger").iterdir())
+    assert [p.name for p in parts] == ["gen-00000001.parquet", "gen-00000002.parquet"]
+    assert [pq.read_table(p).num_rows for p in parts] == [2, 1], "each run appends only its own files"
+
+
+def test_the_ledger_takes_one_generation_per_run_and_reads_the_legacy_document(tmp_path):
+    """Two runs that loaded the same generation: the first to commit wins, the second fails instead of
+    losing the first one's files. A ``ledger.json`` written by an older release is kept as the base."""
+    location = OutputLocation.from_url(str(tmp_path / "out"), {})
+    entry = {"size": 5, "version": "v1", "run_id": "r0"}
+    legacy = {"generation": 3, "files": {"file:///in/a.parquet": entry}}
+    (tmp_path / "out" / "_state").mkdir(parents=True)
+    (tmp_path / "out" / "_state" / "ledger.json").write_text(json.dumps(legacy))
+    a = Shard("/in/a.parquet", "file:///in/a.parquet", "parquet", 5, "v1")
+    b = Shard("/in/b.parquet", "file:///in/b.parquet", "parquet", 7, "v1")
+    changed_a = Shard("/in/a.parquet", "file:///in/a.parquet", "parquet", 6, "v2")
+    first, second = Ledger.load(location), Ledger.load(location)
+    assert first.changed([a, b, changed_a]) == [b, changed_a]
+    first.append(location, [b], "r1")
+    with pytest.raises(RuntimeError, match="ledger changed"):
+        second.append(location, [changed_a], "r2")
+    again = Ledger.load(location)
+    assert again.generation == 1 and again.changed([a, b, changed_a]) == [changed_a]
+    again.append(location, [changed_a], "r3")
+    assert Ledger.load(location).changed([a, b, changed_a]) == [a]

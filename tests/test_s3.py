@@ -248,8 +248,13 @@ def test_environment_credentials_and_incremental(tmp_path, s3, bucket, rows, mod
     run_cli(config, env=env)
     second = check_published(s3, bucket, rows + more, runs=2)
     assert second["rows_in"] == second["rows_out"] == len(more) and second["files_in"] == 1
-    ledger = json.loads(s3.read_text(bucket, "out/_state/ledger.json"))
-    assert len(ledger["files"]) == 4 and ledger["generation"] == 2
+    listed = s3.client().list_objects_v2(Bucket=bucket, Prefix="out/_state/ledger/")["Contents"]
+    parts = sorted(o["Key"] for o in listed)
+    assert parts == [f"out/_state/ledger/gen-0000000{g}.parquet" for g in (1, 2)]
+    body = s3.client().get_object(Bucket=bucket, Key=parts[1])["Body"].read()
+    assert pq.read_table(pa.BufferReader(body)).column("url").to_pylist() == [
+        f"s3://{bucket}/in/more/part-0.parquet"
+    ]
 
 
 def _stage(location: OutputLocation, files: dict[str, list[str]]) -> None:

@@ -8,6 +8,7 @@ table sinks. The stages themselves are plain classes (``bertpipe.stages``).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 from collections import Counter
@@ -30,7 +31,7 @@ from bertpipe.io.partitions import PartitionSanitiser
 from bertpipe.io.paths import Shard, filesystem_for
 from bertpipe.io.reader import ShardReport, inspect_shard, read_shard
 from bertpipe.io.warehouse import conform
-from bertpipe.io.writer import WriteStats, arrow_filesystem
+from bertpipe.io.writer import WriteStats, arrow_filesystem, data_files
 from bertpipe.plan import Inspector, ModelPlan, Plan
 from bertpipe.progress import Progress
 from bertpipe.stages.infer import InferStage
@@ -253,6 +254,48 @@ def write_staged_parquet(build: Callable[[], Dataset], location, partition_by: l
         )
     finally:
         context.checkpoint_config = None  # the process may run other jobs (tests, notebooks)
+
+
+def staged_stats(location, id_column: str, id_is_row_key: bool, rows_hint: int) -> WriteStats:
+    """Count what was staged as distributed work, so that the driver holds totals only: rows and
+    ``_error`` reasons per block, duplicate ``_row_key`` and id values by Ray Data hash aggregations over
+    those columns alone (no other column is read). A derived id is the row key, so it is not checked
+    twice."""
+    files = data_files(location.fs, location.staging)
+    if not files:
+        return WriteStats(0, 0, {}, 0, 0)
+    columns = [C.ROW_KEY, C.ERROR] + ([] if id_is_row_key else [id_column])
+    ds = ray.data.read_parquet(
+        files, filesystem=arrow_filesystem(location.fs), columns=columns, partitioning=None
+    )
+    tallies = ds.map_batches(_tally_errors, batch_format="pyarrow", batch_size=None).take_all()
+    rows = sum(t["rows"] for t in tallies)
+    reasons: Counter = Counter()
+    for t in tallies:
+        reasons.update(json.loads(t["errors"]))
+    partitions = max(2, min(200, rows_hint // 250_000))
+    surplus_keys = _surplus(ds, C.ROW_KEY, partitions)
+    surplus_ids = 0 if id_is_row_key else _surplus(ds, id_column, partitions)
+    return WriteStats(rows, rows - surplus_keys, dict(reasons), len(files), surplus_ids)
+
+
+def _tally_errors(block: pa.Table) -> pa.Table:
+    counts = pc.value_counts(block.column(C.ERROR).drop_null()).to_pylist()
+    errors = {c["values"]: c["counts"] for c in counts}
+    return pa.table({"rows": [block.num_rows], "errors": [json.dumps(errors)]})
+
+
+def _surplus(ds: Dataset, column: str, partitions: int) -> int:
+    """Rows beyond the first of each value of ``column`` (nulls are not values)."""
+
+    def repeats(groups: pa.Table) -> pa.Table:
+        counts = groups.filter(pc.is_valid(groups.column(column))).column("count()")
+        extra = pc.sum(pc.subtract(counts, 1)).as_py() if len(counts) else 0
+        return pa.table({"extra": [extra or 0]})
+
+    counted = ds.select_columns([column]).groupby(column, num_partitions=partitions).count()
+    tallies = counted.map_batches(repeats, batch_format="pyarrow", batch_size=None).take_all()
+    return sum(t["extra"] for t in tallies)
 
 
 def _table_sink(target_format: str, mode: str, kwargs: dict[str, Any]) -> Datasink:

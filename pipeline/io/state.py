@@ -7,8 +7,8 @@
 - ``Intent``: written into the staging folder when a run starts. ``mode: resume`` reads it to finish
   the interrupted run with the same config and the same publish mode, and takes over its lock.
 - ``settle_checkpoint``: finishes checkpoint commits that an interrupted run left half done.
-- ``Ledger``: the input files (url, size, mtime/etag) that an ``incremental`` output already holds,
-  stored as ``_state/ledger.json`` in the output and replaced only after the data is published.
+- ``Ledger``: the input files (url, size, mtime/etag) that an ``incremental`` output already holds, a
+  table in ``_state/ledger/`` in the output that each run appends to after its data is published.
 """
 
 from __future__ import annotations
@@ -17,17 +17,21 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from bertpipe.config import ConfigError, JobConfig
 from bertpipe.io.paths import Shard, redact
 from bertpipe.io.writer import OutputLocation, write_json
 
 INTENT = "_intent.json"
-LEDGER = posixpath.join("_state", "ledger.json")
+LEGACY_LEDGER = posixpath.join("_state", "ledger.json")
 
 
 def config_fingerprint(config: JobConfig) -> str:
@@ -153,7 +157,20 @@ class OutputLock:
 
 
 class Ledger:
-    """Which input files (by url, size and version) an incremental output already holds."""
+    """Which input files (by url, size and version) an incremental output already holds.
+
+    A table of Parquet parts in ``_state/ledger/``, one per run, named by its generation
+    (``gen-00000001.parquet``): a run adds its part and never rewrites the others, so the cost of a
+    commit does not grow with the files already recorded. The generation is the highest part; a run
+    writes the next one only if no other run took it since this run started (an exclusive create where
+    the filesystem has one, else written and read back). The latest entry of a file wins. A
+    ``_state/ledger.json`` from older releases is read as generation 0's entries.
+    """
+
+    FOLDER = posixpath.join("_state", "ledger")
+    SCHEMA = pa.schema(
+        [("url", pa.string()), ("size", pa.int64()), ("version", pa.string()), ("run_id", pa.string())]
+    )
 
     def __init__(self, files: dict[str, dict[str, Any]] | None = None, generation: int = 0):
         self.files = files or {}
@@ -161,8 +178,14 @@ class Ledger:
 
     @classmethod
     def load(cls, location: OutputLocation) -> Ledger:
-        data = _read_json(location.fs, posixpath.join(location.path, LEDGER)) or {}
-        return cls(data.get("files"), data.get("generation", 0))
+        fs = location.fs
+        files = (_read_json(fs, posixpath.join(location.path, LEGACY_LEDGER)) or {}).get("files", {})
+        parts = _ledger_parts(location)
+        for _, path in parts:
+            with fs.open(path, "rb") as fh:
+                for row in pq.read_table(fh, schema=cls.SCHEMA).to_pylist():
+                    files[row.pop("url")] = row
+        return cls(files, parts[-1][0] if parts else 0)
 
     def is_new(self, shard: Shard) -> bool:
         seen = self.files.get(shard.url)
@@ -171,14 +194,56 @@ class Ledger:
     def changed(self, shards: list[Shard]) -> list[Shard]:
         return [s for s in shards if self.is_new(s)]
 
-    def record(self, shards: list[Shard], run_id: str) -> None:
+    def append(self, location: OutputLocation, shards: list[Shard], run_id: str) -> None:
+        """Record ``shards`` as the next generation; fails if another run recorded one meanwhile."""
+        latest = _ledger_parts(location)
+        if (latest[-1][0] if latest else 0) != self.generation:
+            raise RuntimeError("the incremental ledger changed during this run (a concurrent run?)")
+        generation = self.generation + 1
+        path = posixpath.join(location.path, self.FOLDER, f"gen-{generation:08d}.parquet")
+        part = pa.table(
+            {
+                "url": [s.url for s in shards],
+                "size": [s.size for s in shards],
+                "version": [s.version for s in shards],
+                "run_id": [run_id] * len(shards),
+            },
+            schema=self.SCHEMA,
+        )
+        buffer = pa.BufferOutputStream()
+        pq.write_table(part, buffer)
+        location.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        if not _create_once(location.fs, path, buffer.getvalue().to_pybytes(), run_id):
+            raise RuntimeError("the incremental ledger changed during this run (a concurrent run?)")
         for s in shards:
             self.files[s.url] = {"size": s.size, "version": s.version, "run_id": run_id}
-        self.generation += 1
+        self.generation = generation
 
-    def save(self, location: OutputLocation) -> None:
-        write_json(
-            location.fs,
-            posixpath.join(location.path, LEDGER),
-            {"generation": self.generation, "files": self.files},
-        )
+
+def _create_once(fs, path: str, data: bytes, run_id: str) -> bool:
+    """Write a ledger part unless one of that name exists; False when another run has it."""
+    try:
+        with fs.open(path, "xb") as fh:
+            fh.write(data)
+        return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError):  # no exclusive create here: write, then read back
+        pass
+    with fs.open(path, "wb") as fh:
+        fh.write(data)
+    with fs.open(path, "rb") as fh:
+        return set(pq.read_table(fh, columns=["run_id"]).column(0).to_pylist()) <= {run_id}
+
+
+def _ledger_parts(location: OutputLocation) -> list[tuple[int, str]]:
+    """The ledger's parts as (generation, path), oldest first; listing only."""
+    folder = posixpath.join(location.path, Ledger.FOLDER)
+    if not location.fs.exists(folder):
+        return []
+    parts = []
+    for path in location.fs.ls(folder, detail=False):
+        match = re.fullmatch(r"gen-(\d+)\.parquet", posixpath.basename(path))
+        if match:
+            parts.append((int(match.group(1)), path))
+    return sorted(parts)

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from bertpipe import columns as C
 from bertpipe.config import ConfigError
 from bertpipe.io.paths import redact
 
@@ -102,21 +99,6 @@ class WriteStats:
     errors_by_reason: dict[str, int]
     files: int
     duplicate_ids: int
-
-
-def staged_stats(location: OutputLocation, id_column: str) -> WriteStats:
-    """Count what was staged, reading only the row key, id and ``_error`` columns of each file."""
-    files = data_files(location.fs, location.staging)
-    rows, keys, ids, reasons = 0, set(), Counter(), Counter()
-    for path in files:
-        with location.fs.open(path, "rb") as fh:
-            table = pq.read_table(fh, columns=list(dict.fromkeys([C.ROW_KEY, C.ERROR, id_column])))
-        rows += table.num_rows
-        keys.update(table.column(C.ROW_KEY).to_pylist())
-        ids.update(i for i in table.column(id_column).to_pylist() if i is not None)
-        reasons.update(r for r in table.column(C.ERROR).to_pylist() if r is not None)
-    duplicates = sum(n - 1 for n in ids.values() if n > 1)
-    return WriteStats(rows, len(keys), dict(reasons), len(files), duplicates)
 
 
 def publish(
