@@ -250,3 +250,26 @@ def test_validate_lists_what_a_run_would_skip(skip_run, caplog):
     assert f"2 ({len(BAD_FILES)} skipped by policy)" in validate.stdout
     warnings = [r.getMessage() for r in caplog.records if r.name == "bertpipe.plan"]
     assert sorted(warnings) == sorted(f"skipping bad input file {p}: {r}" for p, r in skipped.items())
+
+
+def test_checks_on_ray_in_batches_of_files_equal_the_local_checks(ray_session, models, tmp_path):
+    """The cluster's pre-flight check (files in batches per Ray task) reports what the local one does,
+    file for file and in order, bad files included."""
+    from bertpipe.config import load_config
+    from bertpipe.engine.data import inspect_on_ray
+    from bertpipe.plan import inspect_locally
+
+    write_good(tmp_path / "in")
+    for make in BAD_FILES.values():
+        make(tmp_path / "in")
+    shards = discover([str(tmp_path / "in")], InputFormat.auto, {})
+    config, _ = job(tmp_path, models, on_bad_file="skip")
+    local = inspect_locally(load_config(config))(shards)
+    on_ray = inspect_on_ray({}, "text", files_per_task=2)(shards)
+
+    def summary(reports):
+        return [(r.shard.url, r.rows, r.problem, r.columns, str(r.schema)) for r in reports]
+
+    assert len(shards) > 4 and summary(on_ray) == summary(local)
+    # every bad kind but schema drift, which shows only across files
+    assert sum(r.problem is not None for r in local) == len(BAD_FILES) - 1

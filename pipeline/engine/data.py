@@ -13,6 +13,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -66,14 +67,22 @@ class ShardDatasource(FileBasedDatasource):
         yield from read_shard(f, shard, self._text_column, self._derive_id, self._rows_per_block)
 
 
-def inspect_on_ray(storage_options: dict[str, Any], text_column: str) -> Inspector:
-    """Pre-flight checks as Ray tasks, next to the data on a cluster."""
+def inspect_on_ray(storage_options: dict[str, Any], text_column: str, files_per_task: int = 256) -> Inspector:
+    """Pre-flight checks as Ray tasks, next to the data on a cluster: one task per batch of files (a task
+    per file would cost the driver more than the check of a small file), threads within a task for
+    object stores' latency."""
 
     @ray.remote(num_cpus=0.25)
-    def check(shard: Shard) -> ShardReport:
-        return inspect_shard(filesystem_for(shard.url, storage_options), shard, text_column)
+    def check(batch: list[Shard]) -> list[ShardReport]:
+        fs = filesystem_for(batch[0].url, storage_options)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(lambda s: inspect_shard(fs, s, text_column), batch))
 
-    return lambda shards: ray.get([check.remote(s) for s in shards])
+    def run(shards: list[Shard]) -> list[ShardReport]:
+        batches = [shards[i : i + files_per_task] for i in range(0, len(shards), files_per_task)]
+        return [r for reports in ray.get([check.remote(b) for b in batches]) for r in reports]
+
+    return run
 
 
 # ------------------------------------------------------------------------------------------------ stages
