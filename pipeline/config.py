@@ -81,6 +81,11 @@ class OutputConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     table: str | None = None
     catalog: dict[str, Any] = Field(default_factory=dict)
+    # How a Parquet output is committed: ``rename`` stages beside the output and publishes by renaming
+    # (one rename on a local disk, a copy of every byte on an object store); ``manifest`` writes files
+    # under their final names and commits a manifest and ``_SUCCESS``; ``auto``: manifest on object
+    # stores, rename elsewhere. See the README, "What readers see during a commit".
+    commit: Literal["auto", "rename", "manifest"] = "auto"
 
 
 class RuntimeConfig(_Strict):

@@ -21,7 +21,14 @@ from bertpipe import __version__
 from bertpipe.config import ConfigError, JobConfig
 from bertpipe.io.paths import redact, redact_options
 from bertpipe.io.state import Intent, Ledger, OutputLock, check_lock, config_fingerprint, settle_checkpoint
-from bertpipe.io.writer import OutputLocation, WriteStats, publish
+from bertpipe.io.writer import (
+    OutputLocation,
+    WriteStats,
+    data_files,
+    publish,
+    publish_in_place,
+    run_prefix,
+)
 from bertpipe.plan import Plan, inspect_locally, plan
 from bertpipe.progress import Progress
 
@@ -98,11 +105,14 @@ def verify_counts(p: Plan, stats: WriteStats) -> None:
 
 
 class ParquetTarget:
-    """Hive-partitioned Parquet: staged under Ray's row checkpoint, verified, published by rename."""
+    """Hive-partitioned Parquet under Ray's row checkpoint, verified, then committed: staged beside the
+    output and published by rename, or written in place and committed by manifest (``output.commit``)."""
 
     def __init__(self, config: JobConfig):
         self.config = config
         self.location = OutputLocation.from_url(config.output.path, config.output.storage_options)
+        commit = config.output.commit
+        self.in_place = commit == "manifest" or (commit == "auto" and self.location.object_store)
         self.intent: Intent | None = None
         self.ledger: Ledger | None = None
         self.lock: OutputLock | None = None
@@ -164,28 +174,39 @@ class ParquetTarget:
         finally:
             self.lock.release()
 
+    @property
+    def resumes(self) -> str | None:
+        """The interrupted run this one finishes: it commits under that run's id."""
+        return self.intent.run_id if self.intent else None
+
     def write(self, build, p: Plan, run_id: str) -> WriteStats:
         from bertpipe.engine.data import staged_stats, write_staged_parquet
 
-        write_staged_parquet(build, self.location, self.config.output.partition_by)
-        stats = staged_stats(self.location, p.id_column, p.derive_id is not None, p.rows_in)
+        location = self.location
+        folder = location.path if self.in_place else location.staging
+        write_staged_parquet(build, location, self.config.output.partition_by, folder, run_prefix(run_id))
+        files = data_files(location.fs, folder)
+        if self.in_place:  # the output may hold other runs' files
+            files = [f for f in files if f.rsplit("/", 1)[-1].startswith(run_prefix(run_id))]
+        stats = staged_stats(location.fs, files, p.id_column, p.derive_id is not None, p.rows_in)
         verify_counts(p, stats)
         return stats
 
     def commit(self, p: Plan, run_id: str, summary: dict[str, Any]) -> None:
         location, ledger = self.location, self.ledger
-        Intent.remove(location)
+        mode = "append" if self.publish_mode == "incremental" else self.publish_mode
 
         def record_ledger() -> None:
             ledger.append(location, p.good_shards, run_id)
 
-        publish(
-            location,
-            "append" if self.publish_mode == "incremental" else self.publish_mode,
-            run_id,
-            summary,
-            before_success=record_ledger if ledger else None,
-        )
+        before_success = record_ledger if ledger else None
+        if self.in_place:
+            # The intent goes last: a run killed during this commit is finished by ``resume``.
+            publish_in_place(location, mode, run_id, summary, before_success)
+            location.fs.rm(location.staging, recursive=True)
+        else:
+            Intent.remove(location)
+            publish(location, mode, run_id, summary, before_success)
         location.fs.rm(location.checkpoint, recursive=True)
 
 
@@ -267,6 +288,7 @@ def execute(
     target, todo = check_output(config)
     if not todo:
         return nothing_to_do(run_id)
+    run_id = getattr(target, "resumes", None) or run_id
     # A local run checks its files in this process, so that bad input fails before Ray even starts.
     if config.runtime.address:
         connect(config.runtime.address)

@@ -24,7 +24,7 @@ import pytest
 from conftest import STRIDE, WINDOW, free_ports, make_texts, write_config, write_shards
 
 from bertpipe.io.paths import redact_options
-from bertpipe.io.writer import OutputLocation, publish
+from bertpipe.io.writer import OutputLocation, committed_files, publish, publish_in_place, run_prefix
 
 KEY, SECRET, REGION = "AKIDBERTPIPETEST", "bertpipe-s3-secret-3c9a51f07e", "us-east-1"
 SOURCES = ["news", "reviews", "forum"]
@@ -33,6 +33,10 @@ SOURCES = ["news", "reviews", "forum"]
 @dataclass(frozen=True)
 class MotoS3:
     endpoint: str  # http://127.0.0.1:PORT
+    log: Path  # the server's access log: one line per request
+
+    def requests(self) -> int:
+        return sum(' HTTP/1.1" ' in line for line in self.log.read_text(errors="replace").splitlines())
 
     def client(self):
         return boto3.client(
@@ -73,7 +77,8 @@ class MotoS3:
 def s3(tmp_path_factory):
     """A moto S3 server of our own, stopped by its pid afterwards."""
     (port,) = free_ports(1)
-    with (tmp_path_factory.mktemp("moto") / "moto.log").open("wb") as log:
+    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log_path.open("wb") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
         )
@@ -87,7 +92,7 @@ def s3(tmp_path_factory):
                     if time.time() > deadline or server.poll() is not None:
                         raise RuntimeError("moto server did not start") from None
                     time.sleep(0.2)
-            yield MotoS3(f"http://127.0.0.1:{port}")
+            yield MotoS3(f"http://127.0.0.1:{port}", log_path)
         finally:
             server.terminate()
             try:
@@ -163,7 +168,7 @@ def check_published(s3: MotoS3, bucket: str, rows: list[dict], runs: int) -> dic
         assert got[row["id"]]["_error"] is None
         assert got[row["id"]]["sentiment_label"] in {"positive", "negative"}
 
-    run_id = s3.read_text(bucket, "out/_SUCCESS").strip()
+    run_id = s3.read_text(bucket, "out/_SUCCESS").split()[-1]
     text = s3.read_text(bucket, f"out/_runs/{run_id}.json")
     assert SECRET not in text
     return json.loads(text)
@@ -202,7 +207,7 @@ def test_storage_options_and_resume(tmp_path, s3, bucket, rows, models):
         try:
             deadline = time.time() + 300
             while driver.poll() is None and time.time() < deadline:
-                if any(k.endswith(".parquet") for k in s3.keys(bucket, ".out.staging/")):
+                if any(k.endswith(".parquet") for k in s3.keys(bucket, "out/")):
                     break
                 time.sleep(0.1)
             assert driver.poll() is None, (
@@ -211,7 +216,12 @@ def test_storage_options_and_resume(tmp_path, s3, bucket, rows, models):
         finally:
             _kill_tree(driver)
     assert SECRET not in log.read_text()
-    assert not s3.keys(bucket, "out/"), "a killed run must leave nothing that looks like an output"
+    # Files are written under their final names (output.commit: auto is a manifest commit on S3); with
+    # no _SUCCESS, a reader that follows it sees no output.
+    written = s3.keys(bucket, "out/")
+    assert written and all(k.rsplit("/", 1)[1].startswith("part-") for k in written), written
+    location = OutputLocation.from_url(f"s3://{bucket}/out", s3.storage_options())
+    assert committed_files(location) == []
 
     resumed = run_cli(config, "--set", "output.mode=resume", env=cli_env())
     assert "resuming run" in resumed.stderr
@@ -325,3 +335,47 @@ def test_listings_are_not_cached_while_other_processes_write(s3, bucket):
     assert [p.rsplit("/", 1)[1] for p in before] == ["1.parquet"]
     assert [p.rsplit("/", 1)[1] for p in location.fs.ls(location.staging)] == ["2.parquet"]
     assert [p.rsplit("/", 1)[1] for p in data_files(location.fs, location.staging)] == ["2.parquet"]
+
+
+def _write_in_place(location: OutputLocation, run_id: str, n: int, part: str = "a") -> list[str]:
+    """``n`` one-row files of run ``run_id`` under their final names, as Ray's writer would put them."""
+    names = []
+    for i in range(n):
+        name = f"source={part}/{run_prefix(run_id)}{i:05d}.parquet"
+        with location.fs.open(f"{location.path}/{name}", "wb") as fh:
+            pq.write_table(pa.table({"id": [f"{run_id}-{i}"]}), fh)
+        names.append(f"{location.path}/{name}")
+    return names
+
+
+def test_manifest_commit_costs_a_constant_number_of_calls(s3, bucket):
+    """A manifest commit copies nothing: its object-store calls do not grow with the files committed
+    (one listing page holds 1,000 files); until ``_SUCCESS`` changes, readers that follow it see the
+    previous output; an overwrite then deletes the old files in one batch; an append keeps the runs it
+    follows and drops the files of a run that died before its commit."""
+    calls = {}
+    for n in (5, 300):
+        location = OutputLocation.from_url(f"s3://{bucket}/n{n}/out", s3.storage_options())
+        run = f"20261201T000000Z-0000{n:04d}"
+        files = _write_in_place(location, run, n)
+        before = s3.requests()
+        assert publish_in_place(location, "error", run, {"run": run}) == sorted(files)
+        calls[n] = s3.requests() - before
+        assert committed_files(location) == sorted(files)
+    assert 0 < calls[5] == calls[300] <= 12, calls
+
+    location = OutputLocation.from_url(f"s3://{bucket}/n5/out", s3.storage_options())
+    old = committed_files(location)
+    r2, dead, r4 = "20261201T010000Z-00000002", "20261201T020000Z-00000003", "20261201T030000Z-00000004"
+    new = _write_in_place(location, r2, 3, part="b")
+    assert committed_files(location) == old, "files of a run not yet committed are not the output"
+    publish_in_place(location, "overwrite", r2, {"run": r2})
+    assert committed_files(location) == sorted(new)
+    assert sorted(f"{bucket}/{k}" for k in s3.keys(bucket, "n5/out/source=")) == sorted(new)
+    _write_in_place(location, dead, 2, part="c")  # a run killed before its commit
+    appended = _write_in_place(location, r4, 2, part="c")
+    publish_in_place(location, "append", r4, {"run": r4})
+    assert committed_files(location) == sorted(new + appended)
+    assert sorted(f"{bucket}/{k}" for k in s3.keys(bucket, "n5/out/source=")) == sorted(new + appended)
+    assert s3.read_text(bucket, "n5/out/_SUCCESS").split() == [r2, r4]
+    assert len(s3.keys(bucket, "n5/out/_runs/")) == 3, "the run history is kept"

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import ray
 from ray.data import ActorPoolStrategy, Dataset, SaveMode
 from ray.data.block import Block, BlockAccessor
-from ray.data.datasource import FileBasedDatasource
+from ray.data.datasource import FileBasedDatasource, FilenameProvider
 from ray.data.datasource.datasink import Datasink, WriteResult
 
 from bertpipe import columns as C
@@ -32,7 +32,7 @@ from bertpipe.io.partitions import PartitionSanitiser
 from bertpipe.io.paths import Shard, filesystem_for
 from bertpipe.io.reader import ShardReport, inspect_shard, read_shard
 from bertpipe.io.warehouse import conform
-from bertpipe.io.writer import WriteStats, arrow_filesystem, data_files
+from bertpipe.io.writer import WriteStats, arrow_filesystem
 from bertpipe.plan import Inspector, ModelPlan, Plan
 from bertpipe.progress import Progress
 from bertpipe.stages.infer import InferStage
@@ -237,9 +237,11 @@ def quiet_ray_data(quiet: bool) -> None:
 # ------------------------------------------------------------------------------------------------ write
 
 
-def write_staged_parquet(build: Callable[[], Dataset], location, partition_by: list[str]) -> None:
-    """Append the files of the dataset ``build()`` makes to the staging folder, under Ray Data's
-    row-level checkpoint.
+def write_staged_parquet(
+    build: Callable[[], Dataset], location, partition_by: list[str], folder: str, file_prefix: str
+) -> None:
+    """Append the files of the dataset ``build()`` makes to ``folder`` (the staging folder, or the output
+    itself for a manifest commit), named ``file_prefix...``, under Ray Data's row-level checkpoint.
 
     The checkpoint (two-phase, exactly-once file writes since Ray 2.60) is keyed by ``_row_key``. A
     dataset keeps the ``DataContext`` it was created with, so the checkpoint is configured before
@@ -256,27 +258,25 @@ def write_staged_parquet(build: Callable[[], Dataset], location, partition_by: l
     )
     try:
         build().write_parquet(
-            location.staging,
+            folder,
             filesystem=arrow_filesystem(location.fs),
             partition_cols=partition_by or None,
             mode=SaveMode.APPEND,
+            filename_provider=FilenameProvider(dataset_uuid=file_prefix.rstrip("_"), file_format="parquet"),
         )
     finally:
         context.checkpoint_config = None  # the process may run other jobs (tests, notebooks)
 
 
-def staged_stats(location, id_column: str, id_is_row_key: bool, rows_hint: int) -> WriteStats:
+def staged_stats(fs, files: list[str], id_column: str, id_is_row_key: bool, rows_hint: int) -> WriteStats:
     """Count what was staged as distributed work, so that the driver holds totals only: rows and
     ``_error`` reasons per block, duplicate ``_row_key`` and id values by Ray Data hash aggregations over
     those columns alone (no other column is read). A derived id is the row key, so it is not checked
     twice."""
-    files = data_files(location.fs, location.staging)
     if not files:
         return WriteStats(0, 0, {}, 0, 0)
     columns = [C.ROW_KEY, C.ERROR] + ([] if id_is_row_key else [id_column])
-    ds = ray.data.read_parquet(
-        files, filesystem=arrow_filesystem(location.fs), columns=columns, partitioning=None
-    )
+    ds = ray.data.read_parquet(files, filesystem=arrow_filesystem(fs), columns=columns, partitioning=None)
     tallies = ds.map_batches(_tally_errors, batch_format="pyarrow", batch_size=None).take_all()
     rows = sum(t["rows"] for t in tallies)
     reasons: Counter = Counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,11 @@ class OutputLocation:
     @property
     def checkpoint(self) -> str:
         return self._sibling("checkpoint")
+
+    @property
+    def object_store(self) -> bool:
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return protocol not in ("file", "local")
 
     def has_data(self) -> bool:
         return self.fs.exists(self.path) and bool(self.fs.ls(self.path))
@@ -147,6 +153,76 @@ def publish(
     write_json(fs, posixpath.join(location.path, RUNS, f"{run_id}.json"), summary)
     with fs.open(posixpath.join(location.path, SUCCESS), "w") as fh:
         fh.write(run_id + "\n")
+
+
+def run_prefix(run_id: str) -> str:
+    """How the data files a run writes in place begin: the run is known from the name alone."""
+    return f"part-{run_id}_"
+
+
+_RUN_FILE = re.compile(r"part-(\d{8}T\d{6}Z-[0-9a-f]{8})_")
+
+
+def committed_runs(location: OutputLocation) -> list[str]:
+    """The runs ``_SUCCESS`` names, oldest first (one line each; one line for a renamed output)."""
+    try:
+        with location.fs.open(posixpath.join(location.path, SUCCESS), "r") as fh:
+            return [line.strip() for line in fh if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def publish_in_place(
+    location: OutputLocation,
+    mode: str,
+    run_id: str,
+    summary: dict[str, Any],
+    before_success: Callable[[], None] | None = None,
+) -> list[str]:
+    """Commit the files a run wrote under their final names: its manifest (``_runs/<run>.json`` with the
+    list of its files), then ``_SUCCESS`` naming the runs that make up the output, then the files of
+    runs that no longer belong to it (the previous output of an overwrite, the leftovers of runs that
+    died before their commit) are deleted in batches. The object-store calls are a constant number
+    beyond the listing and the batched deletes, whatever the number of files or bytes; no file is copied.
+    Until ``_SUCCESS`` is written, a reader that follows it sees the previous output. Returns the paths
+    of the run's files."""
+    fs = location.fs
+    files = data_files(fs, location.path)
+    ours = [f for f in files if posixpath.basename(f).startswith(run_prefix(run_id))]
+    others = [f for f in files if not posixpath.basename(f).startswith(run_prefix(run_id))]
+    if mode == "error" and others:
+        raise ConfigError(f"output.path {redact(location.path)} got data from elsewhere during the run")
+    runs = [r for r in committed_runs(location) if r != run_id] if mode == "append" else []
+
+    def stale(path: str) -> bool:
+        if mode != "append":
+            return True
+        match = _RUN_FILE.match(posixpath.basename(path))
+        return bool(match) and match.group(1) not in runs  # a file of a run that never committed
+
+    if before_success:
+        before_success()
+    manifest = {**summary, "files": [f[len(location.path) + 1 :] for f in ours]}
+    write_json(fs, posixpath.join(location.path, RUNS, f"{run_id}.json"), manifest)
+    with fs.open(posixpath.join(location.path, SUCCESS), "w") as fh:
+        fh.write("".join(f"{r}\n" for r in [*runs, run_id]))
+    if doomed := [f for f in others if stale(f)]:
+        fs.rm(doomed)
+    return ours
+
+
+def committed_files(location: OutputLocation) -> list[str]:
+    """The data files of the committed output, as a reader that trusts ``_SUCCESS`` sees them: the files
+    listed in the manifests of the runs it names; a listing for outputs published by rename (their
+    manifests list no files, and nothing uncommitted is ever in them)."""
+    files: list[str] = []
+    for run in committed_runs(location):
+        with location.fs.open(posixpath.join(location.path, RUNS, f"{run}.json"), "r") as fh:
+            listed = json.load(fh).get("files")
+        if listed is None:
+            return data_files(location.fs, location.path)
+        files += [posixpath.join(location.path, f) for f in listed]
+    return sorted(files)
 
 
 def _rename_dir(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
