@@ -296,6 +296,7 @@ def execute(
     else:
         inspect = inspect_locally(config)
     p = target.select(plan(config, inspect))
+    timings = {"preflight_s": time.time() - started}
     if not p.shards:
         log.info("incremental: no new or changed input files; nothing written")
         return nothing_to_do(run_id)
@@ -308,13 +309,18 @@ def execute(
         feed = ProgressFeed(p.rows_in)
         try:
             with unwrapped_config_errors(), feed.watching(on_progress):
+                writing_since = time.time()
                 stats = target.write(lambda: build_dataset(p, device, feed.report), p, run_id)
+                timings["write_and_count_s"] = time.time() - writing_since
             task_counts = feed.snapshot().task_counts()
         finally:
             feed.close()
         summary = run_summary(p, run_id, started, stats, device)
         summary["task_counts"] = task_counts
+        committing_since = time.time()
+        summary["timings"] = {k: round(v, 3) for k, v in timings.items()}
         target.commit(p, run_id, summary)
+        summary["timings"]["commit_s"] = round(time.time() - committing_since, 3)
     return summary
 
 

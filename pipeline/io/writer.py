@@ -7,6 +7,11 @@ checks what was written, and only then publishes it: a rename of the folder for 
 the new files for ``append``. The run summary and the ``_SUCCESS`` marker are written last. On object
 stores a "rename" is a copy plus delete: publishing is then not atomic, but ``_SUCCESS`` still is the
 last thing written, and readers that wait for it never see a partial output.
+
+Copying every byte is what an object store cannot afford at scale, so there the default is a manifest
+commit instead (``publish_in_place``): Ray writes the files under their final names, and the commit
+writes the run's manifest and ``_SUCCESS``, whose content names the committed runs (as Spark's S3
+committers and the table formats do, readers that follow it see only committed files).
 """
 
 from __future__ import annotations
