@@ -54,7 +54,6 @@ def kind_models(tmp_path_factory) -> dict[str, str]:
 def kind_tasks(models: dict[str, str]) -> list[dict]:
     return [
         {"name": "embedding", "kind": "embedding", "model": models["encoder"]},
-        {"name": "emb_half", "kind": "embedding", "model": models["encoder"], "precision": "float16"},
         {"name": "zs", "kind": "zero_shot", "model": models["nli"], "candidate_labels": LABELS, "top_k": 4},
         {
             "name": "zm",
@@ -134,7 +133,6 @@ def test_embedding_equals_sentence_transformers(kind_run, kind_rows, kind_models
 
     _, table, by_id, _ = kind_run
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), DIM)
-    assert table.schema.field("emb_half").type == pa.list_(pa.float16(), DIM)
     model = SentenceTransformer(kind_models["encoder"], device="cpu")
     assert model.max_seq_length == 256
     model.max_seq_length = WINDOW  # runtime.max_length caps the folder's max_seq_length
@@ -143,8 +141,6 @@ def test_embedding_equals_sentence_transformers(kind_run, kind_rows, kind_models
     got = np.array([by_id[r["id"]]["embedding"] for r in ok], np.float32)
     assert _cosines(got, expected).min() >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # the folder's Normalize
-    half = np.array([by_id[r["id"]]["emb_half"] for r in ok], np.float32)
-    np.testing.assert_allclose(half, got, atol=1e-3)
 
 
 def readme_sql(marker: str) -> str:
@@ -187,15 +183,22 @@ def test_zero_shot_equals_hf(kind_run, kind_rows, kind_models, name):
         multi_label=task.get("multi_label", False),
         hypothesis_template=task.get("hypothesis_template", "This example is {}."),
     )
-    seen = set()
+    seen, clear = set(), 0
     for row, exp in zip(ok, expected, strict=True):
         got = by_id[row["id"]]
-        assert got[f"{name}_label"] == exp["labels"][0]
+        labels = [t["label"] for t in got[f"{name}_top"]]
+        reference = dict(zip(exp["labels"], exp["scores"], strict=True))
+        assert {t["label"]: t["score"] for t in got[f"{name}_top"]} == pytest.approx(reference, abs=1e-4)
+        # The same order; labels whose reference scores tie within 1e-5 (a random model's) may swap.
+        assert all(reference[a] >= reference[b] - 1e-5 for a, b in zip(labels, labels[1:], strict=False))
+        if min(-np.diff(exp["scores"])) > 1e-5:
+            clear += 1
+            assert labels == exp["labels"] and got[f"{name}_label"] == exp["labels"][0]
+        assert got[f"{name}_label"] == labels[0]
         assert got[f"{name}_score"] == pytest.approx(exp["scores"][0], abs=1e-4)
-        assert [t["label"] for t in got[f"{name}_top"]] == exp["labels"]
-        assert [t["score"] for t in got[f"{name}_top"]] == pytest.approx(exp["scores"], abs=1e-4)
         seen.add(got[f"{name}_label"])
     assert len(seen) > 1, "the fixture model should predict more than one label"
+    assert clear > len(ok) // 2, "most rows should have no near-ties"
 
 
 _OFFLINE = re.compile(
@@ -316,7 +319,8 @@ def test_table_outputs_store_vectors_as_lists(kind_run, kind_rows, kind_models, 
     _, _, by_id, _ = kind_run
     rows = kind_rows[:6] + kind_rows[-3:]
     write_shards(tmp_path / "in", rows, n_parquet=1, n_jsonl=0)
-    tasks = [t for t in kind_tasks(kind_models) if t["name"] in ("emb_half", "zs", "qa")]
+    half = {"name": "emb_half", "kind": "embedding", "model": kind_models["encoder"], "precision": "float16"}
+    tasks = [half] + [t for t in kind_tasks(kind_models) if t["name"] in ("zs", "qa")]
     out = tmp_path / "out"
     bertpipe.run(
         {
@@ -340,9 +344,14 @@ def test_table_outputs_store_vectors_as_lists(kind_run, kind_rows, kind_models, 
     for got in table.to_pylist():
         want = by_id[got["id"]]
         assert got["_error"] == want["_error"]
-        if want["emb_half"] is not None:
-            np.testing.assert_allclose(got["emb_half"], want["emb_half"], atol=1e-6)
-        assert got["zs_label"] == want["zs_label"] and got["qa_top"] == want["qa_top"]
+        if want["embedding"] is not None:  # float16 in the pipeline, stored as float32
+            np.testing.assert_allclose(got["emb_half"], want["embedding"], atol=1e-3)
+        else:
+            assert got["emb_half"] is None
+        assert got["zs_label"] == want["zs_label"] and got["qa_answer"] == want["qa_answer"]
+        # pyiceberg writes a null list<struct> as an empty list (NER spans and top-k lists alike)
+        null_as_empty = fmt == "iceberg" and want["qa_top"] is None and got["qa_top"] == []
+        assert got["qa_top"] == want["qa_top"] or null_as_empty
 
 
 def _stages(tasks: list[dict], texts: list[str], runtime: RuntimeConfig) -> pa.Table:
@@ -371,9 +380,12 @@ def test_embedding_defaults_bf16_and_chunks(kind_models, pipeline_log):
     texts = make_texts(6, seed=3, max_words=400)  # the 400-word text is past 256 tokens
     expected = SentenceTransformer(kind_models["encoder"], device="cpu").encode(texts)
     task = {"name": "vec", "kind": "embedding", "model": kind_models["encoder"]}
-    fp32 = _stages([task], texts, RuntimeConfig(dtype="float32"))
+    half = {**task, "name": "half", "precision": "float16"}
+    fp32 = _stages([task, half], texts, RuntimeConfig(dtype="float32"))
     got = np.array(fp32.column("vec").to_pylist(), np.float32)
     assert _cosines(got, expected).min() >= 0.9999
+    assert fp32.schema.field("half").type == pa.list_(pa.float16(), DIM)
+    np.testing.assert_allclose(np.array(fp32.column("half").to_pylist(), np.float32), got, atol=1e-3)
     bf16 = _stages([task], texts, RuntimeConfig(dtype="bfloat16", precision_check_rows=4))
     assert _cosines(np.array(bf16.column("vec").to_pylist(), np.float32), expected).min() >= 0.999
     assert any("bfloat16 vectors (cosine < 0.999)" in r.getMessage() for r in pipeline_log.records)

@@ -105,8 +105,17 @@ def build_token_classifier(
 
 
 def build_nli_classifier(out_dir: str | Path, seed: int = 5, model_max_length: int = 512) -> Path:
-    """A tiny random NLI classifier (contradiction/neutral/entailment) for zero-shot tests."""
-    return build_sequence_classifier(out_dir, NLI_LABELS, seed=seed, model_max_length=model_max_length)
+    """A tiny random NLI classifier (contradiction/neutral/entailment) for zero-shot tests. Its head is
+    scaled down, so that entailment-vs-contradiction scores stay clear of 0 and 1 (where they tie)."""
+    out = Path(out_dir)
+    model = BertForSequenceClassification(
+        _config(NLI_LABELS, seed, num_hidden_layers=1, initializer_range=0.5)
+    ).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(0.5)
+    model.save_pretrained(out)
+    tiny_tokenizer(model_max_length).save_pretrained(out)
+    return out
 
 
 def build_qa_model(out_dir: str | Path, seed: int = 6, model_max_length: int = 512) -> Path:

@@ -132,9 +132,12 @@ class QaPostprocess(Postprocessor):
         self.task = task
 
     def __call__(self, batch: TaskBatch) -> dict[str, pa.Array]:
-        _, offsets, special = batch.tokens()
-        words = batch.column(C.word_ids(batch.group))
         logits = batch.logits
+        if C.word_ids(batch.group) not in batch.table.column_names:  # a batch without a labelled row
+            logits = pa.array([[]] * len(logits), logits.type)
+        else:
+            _, offsets, special = batch.tokens()
+            words = batch.column(C.word_ids(batch.group))
         best, tops = [], []
         self.failures = {}
         for row in range(len(logits)):
