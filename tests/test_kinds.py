@@ -453,3 +453,35 @@ def test_kind_config_errors(kind_models, tmp_path, models):
         "max_seq_length": None,
         "dim": 32,
     }
+
+
+def test_bf16_checks_and_estimates_for_pairs(kind_models, kind_rows, tmp_path, pipeline_log):
+    """Zero-shot and QA in bf16 (emulated where the CPU lacks it) are checked against fp32 at start-up,
+    each by what its predictions are; ``validate``'s estimate counts their pair tokens."""
+    from conftest import write_config
+
+    from bertpipe import load_config
+    from bertpipe.estimate import estimate
+    from bertpipe.plan import plan
+
+    tasks = [t for t in kind_tasks(kind_models) if t["name"] in ("zs", "qa1")]
+    texts = [r["text"] for r in kind_rows[:6]]
+    out = _stages(tasks, texts, RuntimeConfig(**{**RUNTIME, "dtype": "bfloat16", "precision_check_rows": 8}))
+    messages = [r.getMessage() for r in pipeline_log.records]
+    assert any("task zs: bfloat16 labels" in m and "fp32" in m for m in messages)
+    assert any("task qa1: bfloat16 answer start/end tokens" in m and "fp32" in m for m in messages)
+    assert out.column("zs_label").null_count == 0 and out.column("qa1_answer").null_count == 0
+    write_shards(tmp_path / "in", kind_rows[:6], n_parquet=1, n_jsonl=0)
+    config = write_config(
+        tmp_path / "job.yaml",
+        input={"paths": [str(tmp_path / "in")]},
+        output={"path": str(tmp_path / "out")},
+        tasks=tasks,
+        runtime=RUNTIME,
+    )
+    cost = estimate(plan(load_config(config)), "cpu")
+    tok = hf_pipeline("zero-shot-classification", model=kind_models["nli"]).tokenizer
+    pairs = [(t, f"This example is {label}.") for t in texts for label in LABELS]
+    expected = tok([a for a, _ in pairs], [b for _, b in pairs], truncation="only_first", max_length=WINDOW)
+    assert cost.tokens["zs"] == sum(len(ids) for ids in expected["input_ids"])
+    assert cost.tokens["qa1"] > sum(len(tok(t)["input_ids"]) for t in texts)  # question and overlaps too
