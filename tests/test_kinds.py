@@ -485,3 +485,22 @@ def test_bf16_checks_and_estimates_for_pairs(kind_models, kind_rows, tmp_path, p
     expected = tok([a for a, _ in pairs], [b for _, b in pairs], truncation="only_first", max_length=WINDOW)
     assert cost.tokens["zs"] == sum(len(ids) for ids in expected["input_ids"])
     assert cost.tokens["qa1"] > sum(len(tok(t)["input_ids"]) for t in texts)  # question and overlaps too
+
+
+def test_a_missing_question_column_is_a_config_error(ray_session, kind_models, tmp_path):
+    from bertpipe.config import JobConfig
+    from bertpipe.plan import plan
+
+    write_shards(tmp_path / "in", [{"id": "a", "text": "x"}], n_parquet=1, n_jsonl=0)
+    task = next(t for t in kind_tasks(kind_models) if t["name"] == "qa")
+    config = JobConfig.model_validate(
+        {
+            "input": {"paths": [str(tmp_path / "in")]},
+            "output": {"path": str(tmp_path / "out")},
+            "tasks": [task],
+        }
+    )
+    with pytest.raises(ConfigError, match="input has no column 'question'"):
+        plan(config)
+    with pytest.raises(ConfigError, match="column 'question', which a task reads"):
+        bertpipe.label(pd.DataFrame({"text": ["x"]}), [task])
