@@ -108,12 +108,17 @@ def label(
         _warn_duplicates(ids)
     texts, reasons = _texts(data, text_column)
     rows = pa.table(
-        {ROW: pa.array(range(len(texts)), pa.int64()), TEXT: texts, C.ERROR: pa.array(reasons, pa.string())}
+        {
+            ROW: pa.array(range(len(texts)), pa.int64()),
+            TEXT: texts,
+            C.ERROR: pa.array(reasons, pa.string()),
+            **{name: _column(data, name) for name in models.input_columns()},  # e.g. a QA question column
+        }
     )
     if rows.num_rows:
         blocks = [rows.slice(i, rt.rows_per_block) for i in range(0, rows.num_rows, rt.rows_per_block)]
         labelled = collect(label_stages(from_arrow(blocks), models, rt, TEXT, None, device))
-        labelled = labelled.sort_by(ROW).drop_columns([ROW])
+        labelled = labelled.sort_by(ROW).drop_columns([ROW, *models.input_columns()])
     else:
         fields = [pa.field(C.ERROR, pa.string()), *models.output_fields()]
         labelled = pa.schema(fields).empty_table()
@@ -149,12 +154,16 @@ class TextColumn:
         self.text_column = text_column
         self.id_column = id_column
         self.outputs = [f.name for f in models.output_fields()] + [C.ERROR]
+        self.inputs = models.input_columns()
 
     def check(self, columns: list[str]) -> None:
         if self.text_column not in columns:
             raise ConfigError(f"text_column {self.text_column!r} is not a column (columns: {columns[:10]})")
         if self.id_column is not None and self.id_column not in columns:
             raise ConfigError(f"id_column {self.id_column!r} is not a column")
+        for name in self.inputs:
+            if name not in columns:
+                raise ConfigError(f"column {name!r}, which a task reads (question_column), is not a column")
         clashes = sorted(set(self.outputs) & set(columns))
         if clashes:
             raise ConfigError(f"the input already has output column(s) {clashes}; rename the task")
@@ -182,6 +191,17 @@ def _columns(data) -> list[str]:
             f"label() takes a pandas DataFrame, a pyarrow Table or a Ray Dataset, not {type(data)}"
         )
     return [str(c) for c in data.columns]
+
+
+def _column(data, name: str) -> pa.Array:
+    """An input column other than the text as Arrow (values a task reads, e.g. questions)."""
+    if isinstance(data, pa.Table):
+        return data.column(name).combine_chunks()
+    values = data[name].tolist()
+    try:
+        return pa.array(values, from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types: keep the strings, the rest is unusable
+        return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
 
 
 def _texts(data, text_column: str) -> tuple[pa.Array, list[str | None]]:

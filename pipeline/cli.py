@@ -207,7 +207,7 @@ def demo(
     Example: bertpipe demo --workdir /tmp/demo
     """
     from bertpipe.api import run as run_job
-    from bertpipe.demo.run import job_config, train_models, write_corpus
+    from bertpipe.demo.run import job_config, link_encoder, train_models, write_corpus
     from bertpipe.engine.cluster import connect
 
     _setup_logging(False)
@@ -217,6 +217,7 @@ def demo(
     try:
         with TrainingProgress() as progress:
             models = train_models(root, 8 if quick else None, progress.update)
+        models["encoder"] = link_encoder(root)  # the embedding task's sentence encoder, as shipped
         n = write_corpus(root / "demo" / "corpus", 120 if quick else rows)
         out.print(f"sample corpus: {n} rows in {root / 'demo' / 'corpus'}")
         summary = run_job(job_config(root, models))
@@ -224,6 +225,7 @@ def demo(
         _fail(str(exc))
     print_summary(summary)
     print_examples(Path(summary.config["output"]["path"]))
+    print_similar(Path(summary.config["output"]["path"]))
 
 
 class RunProgress:
@@ -385,6 +387,26 @@ def print_examples(output: Path, limit: int = 5) -> None:
             f"{row['sentiment_label']} {row['sentiment_score']:.2f}",
             entities,
         )
+    out.print(table)
+
+
+def print_similar(output: Path) -> None:
+    """A similarity search over the demo output: the texts nearest to one review, by the embedding
+    task's vectors (DuckDB's ``array_cosine_similarity``)."""
+    import pyarrow.dataset as pads
+
+    from bertpipe.demo.run import similar_texts
+
+    rows = pads.dataset(str(output), partitioning="hive").to_table(columns=["id", "text", "_error"])
+    ok = sorted((r for r in rows.to_pylist() if r["_error"] is None), key=lambda r: r["id"])
+    if not ok:
+        return
+    probe = ok[0]
+    table = Table(title=escape(f"nearest to: {probe['text'][:100]}"))
+    table.add_column("similar text")
+    table.add_column("cosine", justify="right")
+    for text, similarity in similar_texts(output, probe["id"]):
+        table.add_row(escape(text[:140]), f"{similarity:.3f}")
     out.print(table)
 
 

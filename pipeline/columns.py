@@ -22,7 +22,18 @@ def token_offsets(group: str) -> str:
 
 
 def special_mask(group: str) -> str:
+    """Per token 1 where it is not part of the text (special tokens; a QA window's question)."""
     return f"__tok_{group}_special"
+
+
+def token_types(group: str) -> str:
+    """Token type ids of pair inputs (question/context, text/hypothesis): list<list<int8>>."""
+    return f"__tok_{group}_types"
+
+
+def word_ids(group: str) -> str:
+    """Per token the index of its word in the text, -1 for none: list<list<int32>>."""
+    return f"__tok_{group}_words"
 
 
 def logits(task: str) -> str:

@@ -50,6 +50,8 @@ class TokenizerGroup:
     trust_remote_code: bool
     all_windows: bool  # overlapping windows over the whole text (NER, long_text: chunk)
     offsets: bool  # character offsets and special-token masks (NER)
+    max_length: int | None = None  # a cap below runtime.max_length (a sentence encoder's max_seq_length)
+    task: TaskBase | None = None  # a task whose kind tokenises its own inputs (pairs): its group alone
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,11 @@ class ModelPlan:
     groups: list[TokenizerGroup]
 
     def output_fields(self) -> list[pa.Field]:
-        return [f for mt in self.model_tasks for f in kind_of(mt.task).output_fields(mt.task)]
+        return [f for mt in self.model_tasks for f in kind_of(mt.task).output_fields(mt.task, mt.info)]
+
+    def input_columns(self) -> list[str]:
+        """Input columns the tasks read besides the text (a QA task's question column)."""
+        return sorted({c for mt in self.model_tasks for c in kind_of(mt.task).input_columns(mt.task)})
 
 
 @dataclass
@@ -105,18 +111,25 @@ def plan_models(tasks: list[TaskBase]) -> ModelPlan:
     for task in tasks:
         kind_of(task).check(task, infos[task.name])
     groups: dict[str, TokenizerGroup] = {}
+    keys: dict[str, str] = {}
     for task in tasks:
         info, kind = infos[task.name], kind_of(task)
-        prev = groups.get(info.tokenizer_key)
-        groups[info.tokenizer_key] = TokenizerGroup(
-            key=info.tokenizer_key,
+        cap = kind.max_length(task, info)
+        own = kind.own_tokens(task)
+        key = info.tokenizer_key + (f"_{cap}" if cap else "") + (f"_{task.name}" if own else "")
+        keys[task.name] = key
+        prev = groups.get(key)
+        groups[key] = TokenizerGroup(
+            key=key,
             source=prev.source if prev else info.source,
             revision=prev.revision if prev else info.revision,
             trust_remote_code=(prev.trust_remote_code if prev else False) or task.trust_remote_code,
             all_windows=(prev.all_windows if prev else False) or kind.all_windows(task),
             offsets=(prev.offsets if prev else False) or kind.offsets(task),
+            max_length=cap,
+            task=task if own else None,
         )
-    model_tasks = [ModelTask(t, infos[t.name], infos[t.name].tokenizer_key) for t in tasks]
+    model_tasks = [ModelTask(t, infos[t.name], keys[t.name]) for t in tasks]
     return ModelPlan(infos, model_tasks, list(groups.values()))
 
 
@@ -178,6 +191,9 @@ def check_columns(
     config: JobConfig, models: ModelPlan, input_columns: set[str], derive_id: str | None
 ) -> None:
     outputs = {f.name for f in models.output_fields()}
+    missing = [c for c in models.input_columns() if c not in input_columns]
+    if missing:
+        raise ConfigError(f"input has no column {missing[0]!r}, which a task reads (question_column)")
     known = input_columns | outputs | {C.ROW_KEY, C.ERROR} | ({derive_id} if derive_id else set())
     for name in config.output.partition_by:
         if name not in known:

@@ -37,6 +37,7 @@ def test_quick_demo_output_is_complete(tmp_path):
         "sentiment_label",
         "sentiment_score",
         "entities",
+        "embedding",
         "_error",
         "_row_key",
         "source",
@@ -52,3 +53,4 @@ def test_quick_demo_output_is_complete(tmp_path):
     for model in ("sentiment", "topic", "ner"):
         assert (tmp_path / "models" / model / "model.safetensors").exists()
     assert "examples" in proc.stdout
+    assert "nearest to:" in proc.stdout and "cosine" in proc.stdout

@@ -159,10 +159,10 @@ def test_out_of_memory_batch_is_split_and_budget_remembered(models, monkeypatch)
     )
     real_forward = stage._forward
 
-    def forward(model, pad_id, seqs, exact=False):
+    def forward(model, pad_id, seqs, exact=False, **kwargs):
         if max(len(s) for s in seqs) * len(seqs) > 64:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_forward(model, pad_id, seqs, exact)
+        return real_forward(model, pad_id, seqs, exact, **kwargs)
 
     seqs = [np.arange(1, n + 1) % 1000 + 1000 for n in (10, 12, 14, 9, 11, 13, 10, 12)]
     expected = [real_forward(stage.models["topic"], 0, [s])[0] for s in seqs]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import (
     BertConfig,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
@@ -22,6 +23,7 @@ from transformers import (
 from bertpipe.models.loading import shipped_encoder_dir  # conftest imports it from here
 
 NER_LABELS = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC"]
+NLI_LABELS = ["contradiction", "neutral", "entailment"]
 
 
 def tiny_tokenizer(model_max_length: int = 512) -> BertTokenizerFast:
@@ -97,6 +99,30 @@ def build_token_classifier(
     model = BertForTokenClassification(_config(labels, seed, **params)).eval()
     with torch.no_grad():
         model.classifier.bias[0] += 4.0
+    model.save_pretrained(out)
+    tiny_tokenizer(model_max_length).save_pretrained(out)
+    return out
+
+
+def build_nli_classifier(out_dir: str | Path, seed: int = 5, model_max_length: int = 512) -> Path:
+    """A tiny random NLI classifier (contradiction/neutral/entailment) for zero-shot tests. Its head is
+    scaled down, so that entailment-vs-contradiction scores stay clear of 0 and 1 (where they tie)."""
+    out = Path(out_dir)
+    model = BertForSequenceClassification(
+        _config(NLI_LABELS, seed, num_hidden_layers=1, initializer_range=0.5)
+    ).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(0.5)
+    model.save_pretrained(out)
+    tiny_tokenizer(model_max_length).save_pretrained(out)
+    return out
+
+
+def build_qa_model(out_dir: str | Path, seed: int = 6, model_max_length: int = 512) -> Path:
+    """A tiny random BertForQuestionAnswering: random start/end logits, so spans vary with the text."""
+    out = Path(out_dir)
+    params = {"num_hidden_layers": 1, "initializer_range": 1.0}
+    model = BertForQuestionAnswering(_config(["LABEL_0", "LABEL_1"], seed, **params)).eval()
     model.save_pretrained(out)
     tiny_tokenizer(model_max_length).save_pretrained(out)
     return out

@@ -104,6 +104,41 @@ def write_corpus(folder: Path, rows: int) -> int:
     return len(corpus)
 
 
+def link_encoder(workdir: Path) -> Path:
+    """``<workdir>/models/encoder``: a link to the shipped all-MiniLM-L6-v2 sentence encoder, which the
+    embedding task uses as it is (no training), so ``configs/example.yaml`` can name a fixed path."""
+    link = workdir / "models" / "encoder"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and link.resolve() != shipped_encoder_dir().resolve():
+        link.unlink()
+    if not link.exists():
+        link.symlink_to(shipped_encoder_dir(), target_is_directory=True)
+    return link
+
+
+SIMILAR_SQL = """
+with docs as (
+  select id, text, embedding::FLOAT[384] as vec
+  from read_parquet('{output}/**/*.parquet', hive_partitioning = true)
+  where embedding is not null
+)
+select d.text, array_cosine_similarity(q.vec, d.vec) as similarity
+from docs d, (select vec from docs where id = $id) q
+where d.id <> $id
+order by similarity desc, d.id
+limit $limit
+"""
+
+
+def similar_texts(output: Path, row_id: str, limit: int = 3) -> list[tuple[str, float]]:
+    """The texts nearest to row ``row_id`` by the embedding task's vectors, with DuckDB over the output
+    (the README's nearest-neighbour query)."""
+    import duckdb
+
+    query = SIMILAR_SQL.format(output=str(output).replace("'", "''"))
+    return duckdb.execute(query, {"id": row_id, "limit": limit}).fetchall()
+
+
 def job_config(workdir: Path, models: dict[str, Path]) -> dict[str, Any]:
     """The demo job; ``configs/example.yaml`` is the same job written out as YAML."""
     return {
@@ -117,6 +152,7 @@ def job_config(workdir: Path, models: dict[str, Path]) -> dict[str, Any]:
             {"name": "topic", "kind": "classification", "model": str(models["topic"]), "top_k": 2},
             {"name": "sentiment", "kind": "sentiment", "model": str(models["sentiment"])},
             {"name": "entities", "kind": "ner", "model": str(models["ner"]), "aggregation": "simple"},
+            {"name": "embedding", "kind": "embedding", "model": str(models["encoder"])},
         ],
         "runtime": {"max_length": 256},
     }

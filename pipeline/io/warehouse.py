@@ -18,7 +18,8 @@ for life: they must equal ``output.partition_by``. New columns (a new task) are 
 columns (Iceberg commits that schema change as the write starts, Delta with the data); Delta's
 overwrite replaces the schema, Iceberg's keeps old columns (null in the new rows).
 
-Types: NER spans and top-k lists (``list<struct>``) are stored as nested types in both formats.
+Types: NER spans and top-k lists (``list<struct>``) are stored as nested types in both formats, and
+embedding vectors (``fixed_size_list<float>``) as ``list<float>``.
 Iceberg v2 has no null type and neither format stores nanoseconds, so an input column that is null
 in every file becomes a string column, nanosecond timestamps are truncated to microseconds, and
 dictionary-encoded columns are stored as their values.
@@ -102,13 +103,19 @@ def table_schema(p: Plan) -> pa.Schema:
     if p.derive_id and p.derive_id not in inputs.names:
         fields.append(pa.field(p.derive_id, pa.string()))
     fields += [pa.field(C.ROW_KEY, pa.string()), pa.field(C.ERROR, pa.string())]
-    fields += p.models.output_fields()
+    fields += [pa.field(f.name, _storable(f.type)) for f in p.models.output_fields()]
     if p.config.output.partition_by:
         fields.append(pa.field(C.PARTITION_ORIGINAL, pa.string()))
     return pa.schema(fields)
 
 
 def _storable(dtype: pa.DataType) -> pa.DataType:
+    """The type a table stores: neither format has fixed-size lists (embeddings become list<float>),
+    half floats or nanoseconds."""
+    if pa.types.is_fixed_size_list(dtype):
+        return pa.list_(_storable(dtype.value_type))
+    if pa.types.is_float16(dtype):
+        return pa.float32()
     if pa.types.is_null(dtype):
         return pa.string()
     if pa.types.is_dictionary(dtype):

@@ -35,6 +35,7 @@ class ModelInfo:
     tokenizer_key: str  # equal keys tokenise identically, so their tasks share one tokenisation
     weights_sha256: str
     weight_files: tuple[str, ...] = field(default_factory=tuple)
+    details: dict = field(default_factory=dict)  # what the task's kind read of the folder (``Kind.inspect``)
 
     @property
     def num_labels(self) -> int:
@@ -177,11 +178,6 @@ def _planning_tokenizer(folder: Path, task: TaskBase):
     return load_tokenizer(str(folder), task)
 
 
-# Where a trained task head lives in a checkpoint: BERT-family ``classifier.*`` (RoBERTa's is a module),
-# decoder classifiers' ``score.*``, BART-style ``classification_head.*``.
-_HEAD_PREFIXES = ("classifier.", "score.", "classification_head.")
-
-
 def tensor_names(folder: Path, weights: list[Path]) -> set[str] | None:
     """The tensor names of a model's safetensors weights, read from the file headers (or a sharded
     checkpoint's index) without loading a tensor or importing torch; None for pickle weights, which
@@ -206,15 +202,20 @@ def check_head(task: TaskBase, config: dict, names: set[str] | None) -> None:
     encoder given as a classifier: it loads with a warning only and labels every text with noise.
 
     ``config.json``'s ``architectures`` must name the head of the kind's Auto class (a checkpoint
-    without the key passes this part), and the weights must hold the head's tensors."""
-    head = kind_of(task).auto_model.removeprefix("AutoModel")  # e.g. ForSequenceClassification
+    without the key passes this part), and the weights must hold the head's tensors (the kind's
+    ``head_tensors``: BERT-family ``classifier.*``, decoder classifiers' ``score.*``, BART-style
+    ``classification_head.*``, QA's ``qa_outputs.*``). Kinds without a head skip the check."""
+    kind = kind_of(task)
+    if kind.head_tensors is None:
+        return
+    head = kind.auto_model.removeprefix("AutoModel")  # e.g. ForSequenceClassification
     architectures = config.get("architectures") or []
     if architectures and not any(a.endswith(head) for a in architectures):
         detail = f"architectures: [{', '.join(architectures)}]"
     elif names is not None and not any(
-        n.startswith(_HEAD_PREFIXES) or n.endswith(".classifier.weight") for n in names
+        n.startswith(kind.head_tensors) or n.endswith(f".{kind.head_module}.weight") for n in names
     ):
-        detail = f"its weights hold no {', '.join(p + '*' for p in _HEAD_PREFIXES)} tensors"
+        detail = f"its weights hold no {', '.join(p + '*' for p in kind.head_tensors)} tensors"
     else:
         return
     raise ConfigError(
@@ -233,6 +234,7 @@ def inspect_model(task: TaskBase) -> ModelInfo:
         tok = _planning_tokenizer(folder, task)
         key = tokenizer_key(tok)  # before the probe: calling a fast tokenizer sets its truncation state
         problem = windows_problem(tok) if kind_of(task).all_windows(task) else None
+        details = kind_of(task).inspect(task, folder, config)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -256,6 +258,7 @@ def inspect_model(task: TaskBase) -> ModelInfo:
         tokenizer_key=key,
         weights_sha256=sha256,
         weight_files=tuple(p.name for p in weights),
+        details=details,
     )
 
 

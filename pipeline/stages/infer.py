@@ -25,6 +25,7 @@ from bertpipe.config import RuntimeConfig
 from bertpipe.logs import configure_worker_logging
 from bertpipe.models.loading import load_model, resolve_device, resolve_dtype
 from bertpipe.plan import ModelTask
+from bertpipe.tasks import kind_of
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,11 @@ class FullPrecisionHead(torch.nn.Module):
             return self.head(hidden.float())
 
 
-def store_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+def store_linear_weights(model: torch.nn.Module, dtype: torch.dtype, head_module: str | None) -> None:
     """Keep the encoder's Linear weights in the autocast dtype, leaving embeddings, LayerNorm and the
     head in fp32. Autocast would cast the same weights the same way on every call (342 copies per
     forward of MiniLM, seen in the profiler), so the numbers are identical and the copies are saved."""
-    head = getattr(model, "classifier", None)
+    head = getattr(model, head_module, None) if head_module else None
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             module.to(dtype)
@@ -152,13 +153,15 @@ class InferStage:
             reduced = self.quantized or self.dtype != torch.float32
             if reduced and self.check_rows:
                 self.reference_models[mt.task.name] = model if self.quantized else copy.deepcopy(model)
+            head = kind_of(mt.task).head_module
             if reduced and not self.quantized:
-                store_linear_weights(model, self.dtype)
-                if hasattr(model, "classifier"):
-                    model.classifier = FullPrecisionHead(model.classifier, self.device)
+                store_linear_weights(model, self.dtype, head)
+                if head and hasattr(model, head):
+                    setattr(model, head, FullPrecisionHead(getattr(model, head), self.device))
             if self.quantized:
                 model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             self.models[mt.task.name] = model
+        self.tasks = {mt.task.name: mt for mt in model_tasks}
         self.pad_ids = {mt.task.name: self._pad_id(mt) for mt in model_tasks}
         self.unchecked = {mt.task.name for mt in model_tasks} if self.check_rows else set()
         log.info(
@@ -180,27 +183,52 @@ class InferStage:
             return torch.autocast(self.device, enabled=False)
         return torch.autocast(self.device, dtype=self.dtype)
 
-    def _forward(self, model, pad_id: int, seqs: list[np.ndarray], exact: bool = False) -> list[np.ndarray]:
-        """Logits per sequence, padding removed: (labels,) or (tokens, labels). ``exact`` forces fp32."""
+    def _forward(
+        self,
+        model,
+        pad_id: int,
+        seqs: list[np.ndarray],
+        exact: bool = False,
+        types: list[np.ndarray] | None = None,
+        outputs: Callable | None = None,
+    ) -> list[np.ndarray]:
+        """What is kept of the model's output per sequence, padding removed: (labels,) or (tokens,
+        labels). ``exact`` forces fp32; ``types`` are the token type ids of pair inputs; ``outputs(out,
+        attention_mask)`` is the task kind's ``model_outputs`` (default: the logits)."""
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
+        type_ids = np.zeros((len(seqs), width), dtype=np.int64) if types is not None else None
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = s
             mask[i, : len(s)] = 1
+            if type_ids is not None:
+                type_ids[i, : len(s)] = types[i]
+        inputs = {
+            "input_ids": torch.from_numpy(ids).to(self.device, non_blocking=True),
+            "attention_mask": torch.from_numpy(mask).to(self.device, non_blocking=True),
+        }
+        if type_ids is not None:
+            inputs["token_type_ids"] = torch.from_numpy(type_ids).to(self.device, non_blocking=True)
         precision = torch.autocast(self.device, enabled=False) if exact else self._autocast()
         with torch.inference_mode(), precision:
-            out = model(
-                input_ids=torch.from_numpy(ids).to(self.device, non_blocking=True),
-                attention_mask=torch.from_numpy(mask).to(self.device, non_blocking=True),
-            )
-        logits = out.logits.float().cpu().numpy()
+            out = model(**inputs)
+            kept = outputs(out, inputs["attention_mask"]) if outputs else out.logits
+        logits = kept.float().cpu().numpy()
         return [logits[i] if logits.ndim == 2 else logits[i, : len(s)] for i, s in enumerate(seqs)]
 
-    def _run_batch(self, name: str, seqs: list[np.ndarray]) -> list[np.ndarray]:
+    def _outputs(self, name: str) -> Callable:
+        mt = self.tasks[name]
+        return functools.partial(kind_of(mt.task).model_outputs, mt.task, mt.info)
+
+    def _run_batch(
+        self, name: str, seqs: list[np.ndarray], types: list[np.ndarray] | None
+    ) -> list[np.ndarray]:
         """Forward one batch; on a GPU out-of-memory split it in half and lower the budget that worked."""
         try:
-            return self._forward(self.models[name], self.pad_ids[name], seqs)
+            return self._forward(
+                self.models[name], self.pad_ids[name], seqs, types=types, outputs=self._outputs(name)
+            )
         except torch.cuda.OutOfMemoryError:
             if len(seqs) == 1:
                 raise
@@ -208,42 +236,53 @@ class InferStage:
             half = len(seqs) // 2
             self.max_tokens = max(64, (max(len(s) for s in seqs) * len(seqs)) // 2)
             log.warning("CUDA out of memory; retrying in halves, token budget now %d", self.max_tokens)
-            return self._run_batch(name, seqs[:half]) + self._run_batch(name, seqs[half:])
+            first, second = (types[:half], types[half:]) if types is not None else (None, None)
+            return self._run_batch(name, seqs[:half], first) + self._run_batch(name, seqs[half:], second)
 
-    def run_sequences(self, name: str, seqs: list[np.ndarray]) -> list[np.ndarray]:
+    def run_sequences(
+        self, name: str, seqs: list[np.ndarray], types: list[np.ndarray] | None = None
+    ) -> list[np.ndarray]:
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
         results: list[np.ndarray | None] = [None] * len(seqs)
         for batch in plan_batches(lengths, self.max_tokens, self.max_rows, descending=self.device == "cuda"):
-            for idx, logits in zip(batch, self._run_batch(name, [seqs[i] for i in batch]), strict=True):
+            batch_types = [types[i] for i in batch] if types is not None else None
+            outputs = self._run_batch(name, [seqs[i] for i in batch], batch_types)
+            for idx, logits in zip(batch, outputs, strict=True):
                 results[idx] = logits
         return results
 
-    def _check_precision(self, name: str, seqs: list[np.ndarray]) -> None:
-        """Once per model: compare argmax labels of the chosen precision with fp32 on a few sequences."""
+    def _check_precision(self, name: str, seqs: list[np.ndarray], types: list[np.ndarray] | None) -> None:
+        """Once per model: compare the chosen precision's predictions with fp32 on a few sequences
+        (argmax labels, or what the task's kind compares)."""
         self.unchecked.discard(name)
         reference = self.reference_models.pop(name, self.models[name])
         sample = seqs[: self.check_rows]
+        sample_types = types[: self.check_rows] if types is not None else None
         if not sample or (not self.quantized and self.dtype == torch.float32):
             return
-        pad = self.pad_ids[name]
-        fast = np.concatenate(
-            [a.argmax(-1).reshape(-1) for a in self._forward(self.models[name], pad, sample)]
-        )
-        exact = np.concatenate(
-            [a.argmax(-1).reshape(-1) for a in self._forward(reference, pad, sample, True)]
-        )
-        disagree = float((fast != exact).mean())
+        kind, task = kind_of(self.tasks[name].task), self.tasks[name].task
+        pad, outputs = self.pad_ids[name], self._outputs(name)
+        fast = self._forward(self.models[name], pad, sample, types=sample_types, outputs=outputs)
+        exact = self._forward(reference, pad, sample, True, sample_types, outputs)
+        disagree = kind.disagreement(task, fast, exact)
         precision = "int8" if self.quantized else str(self.dtype).replace("torch.", "")
         if disagree:
             log.warning(
-                "task %s: %s labels differ from fp32 on %.1f%% of predictions in a %d-sequence sample",
+                "task %s: %s %s differ from fp32 on %.1f%% of predictions in a %d-sequence sample",
                 name,
                 precision,
+                kind.compared,
                 100 * disagree,
                 len(sample),
             )
         else:
-            log.info("task %s: %s labels equal fp32 on a %d-sequence sample", name, precision, len(sample))
+            log.info(
+                "task %s: %s %s equal fp32 on a %d-sequence sample",
+                name,
+                precision,
+                kind.compared,
+                len(sample),
+            )
 
     def __call__(self, table: pa.Table) -> pa.Table:
         for mt in self.model_tasks:
@@ -251,9 +290,14 @@ class InferStage:
             seqs, windows_per_row = _ragged_windows(
                 table.column(C.token_ids(mt.group)).combine_chunks(), mt.first_window_only
             )
+            types = None
+            if C.token_types(mt.group) in table.column_names:
+                types, _ = _ragged_windows(
+                    table.column(C.token_types(mt.group)).combine_chunks(), mt.first_window_only
+                )
             if name in self.unchecked and seqs:
-                self._check_precision(name, seqs)
-            results = self.run_sequences(name, seqs) if seqs else []
+                self._check_precision(name, seqs, types)
+            results = self.run_sequences(name, seqs, types) if seqs else []
             flat = [r.reshape(-1).astype(np.float32) for r in results]
             inner_offsets = np.concatenate([[0], np.cumsum([len(f) for f in flat])]).astype(np.int32)
             inner = pa.ListArray.from_arrays(

@@ -16,12 +16,13 @@ import pyarrow.compute as pc
 
 from bertpipe import columns as C
 from bertpipe.plan import TokenizerGroup
+from bertpipe.tasks import kind_of
 
 log = logging.getLogger(__name__)
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 WINDOWS = pa.list_(pa.list_(pa.int32()))
-_ENCODINGS = ("input_ids", "offset_mapping", "special_tokens_mask")
+_ENCODINGS = ("input_ids", "offset_mapping", "special_tokens_mask", "token_type_ids", "word_ids")
 
 
 def text_problem(text: object, max_chars: int | None) -> str | None:
@@ -77,29 +78,42 @@ class PrepareStage:
             for g in groups
         }
 
-    def _tokenize(self, group: TokenizerGroup, texts: list[str]):
-        return self.tokenizers[group.key](
+    def _lengths(self, group: TokenizerGroup) -> tuple[int, int]:
+        """Tokens per window and overlap of the group: the runtime's, under the group's cap."""
+        if group.max_length is None or group.max_length >= self.max_length:
+            return self.max_length, self.stride
+        return group.max_length, min(self.stride, group.max_length // 4)
+
+    def _tokenize(
+        self, group: TokenizerGroup, texts: list[str], inputs: dict[str, list]
+    ) -> tuple[dict, list]:
+        """Encodings of ``texts`` and the row of each sequence."""
+        max_length, stride = self._lengths(group)
+        tok = self.tokenizers[group.key]
+        if group.task is not None:
+            return kind_of(group.task).encode(group.task, tok, texts, inputs, max_length, stride)
+        enc = tok(
             texts,
             truncation=True,
-            max_length=self.max_length,
-            stride=self.stride if group.all_windows else 0,
+            max_length=max_length,
+            stride=stride if group.all_windows else 0,
             return_overflowing_tokens=group.all_windows,
             return_offsets_mapping=group.offsets,
             return_special_tokens_mask=group.offsets,
             return_attention_mask=False,
             return_token_type_ids=False,
         )
+        return enc, list(enc["overflow_to_sample_mapping"] if group.all_windows else range(len(texts)))
 
     def _tokenize_rows(
-        self, group: TokenizerGroup, texts: list[str]
+        self, group: TokenizerGroup, texts: list[str], inputs: dict[str, list]
     ) -> tuple[dict, list[int], dict[int, str]]:
         """Tokenise a batch; if it fails, tokenise row by row so only the failing rows are marked.
 
         A batch without texts (every row bad) or whose every row fails gives empty encodings."""
         if texts:
             try:
-                enc = self._tokenize(group, texts)
-                rows = enc["overflow_to_sample_mapping"] if group.all_windows else list(range(len(texts)))
+                enc, rows = self._tokenize(group, texts, inputs)
                 return enc, list(rows), {}
             except Exception:  # noqa: BLE001 - isolated below, row by row
                 log.warning("tokenizer failed on a batch; retrying row by row to isolate the bad rows")
@@ -108,15 +122,33 @@ class PrepareStage:
         failures: dict[int, str] = {}
         for i, text in enumerate(texts):
             try:
-                enc = self._tokenize(group, [text])
+                enc, sub_rows = self._tokenize(group, [text], {k: [v[i]] for k, v in inputs.items()})
             except Exception as exc:  # noqa: BLE001
                 failures[i] = f"tokenizer failed: {type(exc).__name__}"
                 continue
             for key in _ENCODINGS:
                 if key in enc:
                     merged[key].extend(enc[key])
-            rows.extend([i] * len(enc["input_ids"]))
+            rows.extend([i] * len(sub_rows))
         return merged, rows, failures
+
+    def _input_problems(self, table: pa.Table, errors: list) -> dict[str, list]:
+        """The values of the columns that own-tokenising tasks read; rows whose values a task cannot use
+        get its reason as ``_error``."""
+        inputs: dict[str, list] = {}
+        for group in self.groups:
+            if group.task is None:
+                continue
+            kind = kind_of(group.task)
+            for name in kind.input_columns(group.task):
+                if name not in inputs:
+                    present = name in table.column_names
+                    inputs[name] = table.column(name).to_pylist() if present else [None] * table.num_rows
+            for i in range(table.num_rows):
+                if errors[i] is None:
+                    values = {name: inputs[name][i] for name in kind.input_columns(group.task)}
+                    errors[i] = kind.input_problem(group.task, values)
+        return inputs
 
     def __call__(self, table: pa.Table) -> pa.Table:
         texts = table.column(self.text_column).to_pylist()
@@ -124,12 +156,14 @@ class PrepareStage:
         for i, text in enumerate(texts):
             if errors[i] is None:
                 errors[i] = text_problem(text, self.max_chars)
+        inputs = self._input_problems(table, errors)
         good = [i for i, e in enumerate(errors) if e is None]
         good_texts = [texts[i] for i in good]
+        good_inputs = {name: [values[i] for i in good] for name, values in inputs.items()}
         n_rows = table.num_rows
         new_columns: dict[str, pa.Array] = {}
         for group in self.groups:
-            enc, sub_rows, failures = self._tokenize_rows(group, good_texts)
+            enc, sub_rows, failures = self._tokenize_rows(group, good_texts, good_inputs)
             for sub_row, reason in failures.items():
                 errors[good[sub_row]] = errors[good[sub_row]] or reason
             rows = np.asarray([good[r] for r in sub_rows], dtype=np.int64)
@@ -140,6 +174,12 @@ class PrepareStage:
                 new_columns[C.special_mask(group.key)] = _windows(
                     enc["special_tokens_mask"], rows, n_rows, pa.int8()
                 )
+            if enc.get("token_type_ids"):
+                new_columns[C.token_types(group.key)] = _windows(
+                    enc["token_type_ids"], rows, n_rows, pa.int8()
+                )
+            if enc.get("word_ids"):
+                new_columns[C.word_ids(group.key)] = _windows(enc["word_ids"], rows, n_rows, pa.int32())
         if any(errors[i] is not None for i in good):
             # A row that failed in one group must not be labelled by another: clear its windows.
             failed = pa.array([e is not None for e in errors])

@@ -14,7 +14,7 @@ from pydantic import Field, TypeAdapter
 
 from bertpipe.tasks.base import Kind, TaskBase
 
-_MODULES = ("classification", "sentiment", "ner")
+_MODULES = ("classification", "sentiment", "ner", "embedding", "zero_shot", "qa")
 
 KINDS: dict[str, Kind] = {}
 for _module in _MODULES:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -102,9 +104,63 @@ class Kind:
     auto_model: ClassVar[str]  # the transformers Auto class that loads the model, e.g. for its head
     token_level: ClassVar[bool] = False  # one prediction per token (NER) rather than per text
     train_metric: ClassVar[str] = "val_macro_f1"  # what fine-tuning keeps the best epoch by
+    trainable: ClassVar[bool] = True  # ``bertpipe finetune`` trains this kind
+    # The trained head: the module kept in fp32 under autocast, and the tensor-name prefixes that prove a
+    # checkpoint has it (``head_tensors = None``: the kind needs no head, e.g. an encoder's embeddings).
+    head_module: ClassVar[str | None] = "classifier"
+    head_tensors: ClassVar[tuple[str, ...] | None] = ("classifier.", "score.", "classification_head.")
+    compared: ClassVar[str] = "labels"  # what the start-up precision check compares with fp32
+
+    def inspect(self, task: TaskBase, folder: Path, config: dict) -> dict[str, Any]:
+        """Facts of the model folder the kind needs beyond ``config.json``'s labels (kept in
+        ``ModelInfo.details``); raise ConfigError naming the task."""
+        return {}
 
     def check(self, task: TaskBase, info: ModelInfo) -> None:
         """Checks that need the model's config (its labels); raise ConfigError naming the task."""
+
+    def max_length(self, task: TaskBase, info: ModelInfo) -> int | None:
+        """A cap on tokens per window below ``runtime.max_length`` (e.g. a sentence encoder's
+        ``max_seq_length``); None: the runtime's."""
+        return None
+
+    # ---- kinds whose model reads more than the text (question/context and text/hypothesis pairs)
+    def own_tokens(self, task: TaskBase) -> bool:
+        """The kind tokenises its own inputs with ``encode`` (in a tokenizer group of its own)."""
+        return False
+
+    def input_columns(self, task: TaskBase) -> list[str]:
+        """Input columns the task reads besides the text (they must exist in the input)."""
+        return []
+
+    def input_problem(self, task: TaskBase, values: dict[str, Any]) -> str | None:
+        """Why a row's ``input_columns`` values cannot be used (its ``_error``), or None."""
+        return None
+
+    def encode(
+        self,
+        task: TaskBase,
+        tokenizer,
+        texts: list[str],
+        inputs: dict[str, list],
+        max_length: int,
+        stride: int,
+    ) -> tuple[dict[str, list], list[int]]:
+        """Tokenise the rows' model inputs: per sequence ``input_ids`` (and ``token_type_ids``,
+        ``offset_mapping``, ``special_tokens_mask``, ``word_ids`` where the kind reads them back), and the
+        row of each sequence."""
+        raise NotImplementedError
+
+    # ---- the model stage
+    def model_outputs(self, task: TaskBase, info: ModelInfo, out, attention_mask):
+        """What the model stage keeps of a forward pass, per sequence: (labels,) or (tokens, labels)."""
+        return out.logits
+
+    def disagreement(self, task: TaskBase, fast: list[np.ndarray], exact: list[np.ndarray]) -> float:
+        """The share of predictions in reduced precision that differ from fp32 (argmax labels)."""
+        a = np.concatenate([x.argmax(-1).reshape(-1) for x in fast])
+        b = np.concatenate([x.argmax(-1).reshape(-1) for x in exact])
+        return float((a != b).mean())
 
     def all_windows(self, task: TaskBase) -> bool:
         """Every overlapping window of a long text, or only the first (truncation)."""
@@ -114,7 +170,8 @@ class Kind:
         """Character offsets and special-token masks from the tokenizer."""
         return False
 
-    def output_fields(self, task: TaskBase) -> list[pa.Field]:
+    def output_fields(self, task: TaskBase, info: ModelInfo) -> list[pa.Field]:
+        """The Arrow fields the task writes (``info``: its model's facts, e.g. a vector's dimension)."""
         raise NotImplementedError
 
     def tally(self, task: TaskBase, outputs: dict[str, pa.Array]) -> dict[str, int]:

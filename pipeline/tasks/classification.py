@@ -107,7 +107,7 @@ class Classification(Kind):
     def all_windows(self, task: ClassificationTask) -> bool:
         return task.long_text == "chunk"
 
-    def output_fields(self, task: ClassificationTask) -> list[pa.Field]:
+    def output_fields(self, task: ClassificationTask, info) -> list[pa.Field]:
         fields = [pa.field(C.label(task.name), pa.string()), pa.field(C.score(task.name), pa.float32())]
         if task.top_k > 1:
             fields.append(pa.field(C.top(task.name), TOP_TYPE))

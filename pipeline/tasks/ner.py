@@ -149,7 +149,7 @@ class Ner(Kind):
     def offsets(self, task: NerTask) -> bool:
         return True
 
-    def output_fields(self, task: NerTask) -> list[pa.Field]:
+    def output_fields(self, task: NerTask, info) -> list[pa.Field]:
         return [pa.field(task.name, ENTITY_TYPE)]
 
     def postprocessor(self, task: NerTask, info, tokenizer) -> Postprocessor:

@@ -98,8 +98,9 @@ class FinetuneConfig(_Strict):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, value: str) -> str:
-        if value not in KINDS:
-            raise ValueError(f"must be one of {', '.join(KINDS)}")
+        trainable = [name for name, kind in KINDS.items() if kind.trainable]
+        if value not in trainable:
+            raise ValueError(f"must be one of {', '.join(trainable)}")
         return value
 
     @field_validator("labels")
