@@ -90,10 +90,10 @@ def fit(
 ) -> Iterator[Fitted]:
     """Run ``loop(context, loop_config)`` on ``runtime.num_workers`` workers and yield the best epoch.
 
-    A running Ray is used as it is; otherwise this joins ``runtime.address`` or starts a local Ray, and
-    stops it afterwards.
+    A running Ray is used as it is; otherwise this joins ``runtime.address`` or starts a local Ray with
+    the state API Ray Train's monitor needs (``cluster.local_state_api``), and stops it afterwards.
     """
-    connected = connect(runtime.address)
+    connected = connect(runtime.address, state_api=True)
     try:
         if connected and not (runtime.address or os.environ.get("RAY_ADDRESS")):
             _check_local_resources(runtime)
