@@ -459,6 +459,39 @@ def test_pickle_only_base_model_allowed_when_asked(tmp_path, ray_local):
     assert {p.name for p in out.iterdir()} == saved
 
 
+MONITOR_PROBE = """
+import ray
+from ray.train.v2._internal.state.util import is_actor_alive
+from bertpipe.engine.cluster import connect
+
+connect(None, local_cpus=1, state_api=True)
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def id(self):
+        return ray.get_runtime_context().get_actor_id()
+
+@ray.remote(num_cpus=0)
+class Cleaner:
+    def controller_alive(self, actor_id):
+        return is_actor_alive(actor_id, timeout=30)
+
+controller = Controller.remote()
+cleaner = Cleaner.options(lifetime="detached").remote()
+print("alive:", ray.get(cleaner.controller_alive.remote(ray.get(controller.id.remote()))))
+ray.kill(cleaner)
+"""
+
+
+@pytest.mark.slow
+def test_ray_train_monitor_reaches_the_state_api_of_its_own_cluster():
+    """What Ray Train's placement-group cleaner (a detached actor) asks every second, asked the same way
+    from a detached actor of the local Ray bertpipe starts, while other local Rays may be running."""
+    proc = subprocess.run([sys.executable, "-c", MONITOR_PROBE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "alive: True" in proc.stdout
+
+
 SECOND_JOB = """
 import ray
 ray.init(address="local", num_cpus=1, include_dashboard=True)  # the dashboard on Ray's default port
