@@ -503,7 +503,9 @@ def _ner_dateline(rng: random.Random, pools: _Pools) -> tuple[str, list[dict]]:
     text, entities = "", []
     if rng.random() < 0.6:
         headline, entities = _ner_sentence(rng, pools)
-        text = headline.rstrip(".") + "\n"
+        # Headlines have no full stop, unless it belongs to a name at the end ("Foo S.A.").
+        ends_in_name = entities and entities[-1]["end"] == len(headline)
+        text = (headline if ends_in_name else headline.rstrip(".")) + "\n"
     city, agency = rng.choice(V.CITIES).upper(), rng.choice(V.AGENCIES)
     entities = [*entities, {"start": len(text), "end": len(text) + len(city), "label": "LOC"}]
     text += f"{city} ("

@@ -174,7 +174,9 @@ def _trainer(runtime: FinetuneRuntime, score_metric: str, storage_path: str, con
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=score_metric, checkpoint_score_order="max"
             ),
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # Ray Train's own warnings are transient retries on a busy machine ("Failed to send resource
+            # request ... safe to ignore", with a traceback); they stay in its log files, not the console.
+            logging_config=LoggingConfig(log_level="ERROR"),
         ),
     )
 
