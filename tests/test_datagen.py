@@ -216,7 +216,7 @@ def test_handwritten_sentiment_rows():
     reviews = [r["text"] for r in rows if r["label"] != "neutral"]
     assert sum(bool(CONTRAST.search(t)) for t in reviews) >= 30
     assert sum(bool(NEGATION.search(t)) for t in reviews) >= 60
-    generated = {_normalised(r["text"]) for r in make_sentiment(2000) + make_neutral(500)}
+    generated = {_normalised(r["text"]) for r in make_sentiment(1200) + make_neutral(300)}
     assert not set(texts) & generated
 
 

@@ -384,16 +384,17 @@ def handwritten(task: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def sentiment_training(n: int = 2000, neutral: int = 500, seed: int = 0) -> list[dict]:
-    """The demo sentiment model's rows: generated reviews and news, and the hand-written text, shuffled."""
+def sentiment_training(n: int = 1200, seed: int = 0) -> list[dict]:
+    """The demo sentiment model's rows: ``n`` generated reviews, ``n // 4`` generated news items as
+    neutral, and the hand-written text, shuffled."""
     rows = (
-        make_sentiment(n, seed) + make_neutral(neutral, seed) + handwritten("sentiment") * HANDWRITTEN_COPIES
+        make_sentiment(n, seed) + make_neutral(n // 4, seed) + handwritten("sentiment") * HANDWRITTEN_COPIES
     )
     _rng("sentiment-mix", seed).shuffle(rows)
     return rows
 
 
-def ner_training(n: int = 3500, seed: int = 0) -> list[dict]:
+def ner_training(n: int = 2500, seed: int = 0) -> list[dict]:
     """The demo NER model's rows: generated sentences and the hand-written news sentences, shuffled."""
     rows = make_ner(n, seed) + handwritten("ner") * HANDWRITTEN_COPIES
     _rng("ner-mix", seed).shuffle(rows)

@@ -46,9 +46,9 @@ class Recipe:
 
 
 RECIPES = (
-    Recipe("sentiment", "sentiment", datagen.sentiment_training, 2000, 2, 128, 5e-5),
-    Recipe("topic", "classification", datagen.make_topic, 2000, 2, 96, 5e-5),
-    Recipe("ner", "ner", datagen.ner_training, 3500, 3, 64, 5e-5),
+    Recipe("sentiment", "sentiment", datagen.sentiment_training, 1200, 2, 64, 8e-5),
+    Recipe("topic", "classification", datagen.make_topic, 1200, 1, 64, 8e-5),
+    Recipe("ner", "ner", datagen.ner_training, 2500, 2, 64, 8e-5),
 )
 
 
