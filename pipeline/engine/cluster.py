@@ -60,7 +60,14 @@ def local_state_api() -> dict[str, Any]:
         "include_dashboard": True,
         "dashboard_host": "127.0.0.1",
         "dashboard_port": port,
-        "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        "runtime_env": {
+            "env_vars": {
+                "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                # Nothing preempts this machine's own Ray; Ray Train's watcher for it only logs a
+                # core-worker error line about its constructor arguments.
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+            }
+        },
     }
 
 
