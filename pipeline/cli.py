@@ -219,7 +219,8 @@ def demo(
             models = train_models(root, 8 if quick else None, progress.update)
         n = write_corpus(root / "demo" / "corpus", 120 if quick else rows)
         out.print(f"sample corpus: {n} rows in {root / 'demo' / 'corpus'}")
-        summary = run_job(job_config(root, models))
+        with RunProgress() as run_progress:  # as `bertpipe run` shows it, without Ray Data's INFO lines
+            summary = run_job(job_config(root, models), on_progress=run_progress.update, quiet=True)
     except ConfigError as exc:
         _fail(str(exc))
     print_summary(summary)
