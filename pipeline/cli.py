@@ -187,7 +187,7 @@ def finetune(
     try:
         cfg = load_finetune_config(config, set_ or [])
         with TrainingProgress() as progress:
-            result = run_finetune(cfg, progress=lambda event: progress.update(cfg.kind.value, event))
+            result = run_finetune(cfg, progress=lambda event: progress.update(cfg.kind, event))
     except ConfigError as exc:
         _fail(str(exc))
     out.print(
@@ -213,14 +213,15 @@ def demo(
     _setup_logging(False)
     root = Path(workdir).resolve()
     out.print(f"[bold]bertpipe demo[/bold]: models and data under {root}")
-    connect(None)  # one Ray for the three fine-tunes and the run
+    connect(None, state_api=True)  # one Ray for the three fine-tunes and the run
     try:
         with TrainingProgress() as progress:
             models = train_models(root, 8 if quick else None, progress.update)
         models["encoder"] = link_encoder(root)  # the embedding task's sentence encoder, as shipped
         n = write_corpus(root / "demo" / "corpus", 120 if quick else rows)
         out.print(f"sample corpus: {n} rows in {root / 'demo' / 'corpus'}")
-        summary = run_job(job_config(root, models))
+        with RunProgress() as run_progress:  # as `bertpipe run` shows it, without Ray Data's INFO lines
+            summary = run_job(job_config(root, models), on_progress=run_progress.update, quiet=True)
     except ConfigError as exc:
         _fail(str(exc))
     print_summary(summary)

@@ -20,14 +20,20 @@ import pytest
 from bertpipe.demo import vocab
 from bertpipe.demo.datagen import (
     CORPUS_SOURCES,
+    DEMO_SENTIMENT_LABELS,
+    HANDWRITTEN_COPIES,
     NER_LABELS,
     SENTIMENT_LABELS,
     TOPIC_LABELS,
+    handwritten,
     main,
     make_ner,
+    make_neutral,
     make_sample_corpus,
     make_sentiment,
     make_topic,
+    ner_training,
+    sentiment_training,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -61,7 +67,7 @@ def _check_spans(row: dict) -> None:
         start, end = entity["start"], entity["end"]
         assert 0 <= start < end <= len(text), row
         surface = text[start:end]
-        assert surface == surface.strip(), row
+        assert surface == surface.strip() and "\n" not in surface, row
         assert entity["label"] in NER_LABELS, row
         assert start >= previous_end, f"overlapping spans in {row}"
         previous_end = end
@@ -75,7 +81,12 @@ def _outside_spans(row: dict, word: str) -> bool:
     return False
 
 
-@pytest.mark.parametrize("make", [make_sentiment, make_topic, make_ner, make_sample_corpus])
+def _normalised(text: str) -> str:
+    """Case, punctuation and spacing do not make a held-out text new."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+@pytest.mark.parametrize("make", [make_sentiment, make_topic, make_ner, make_neutral, make_sample_corpus])
 def test_same_seed_same_rows_other_seed_differs(make):
     assert make(120, seed=3) == make(120, seed=3)
     assert make(120, seed=3) != make(120, seed=4)
@@ -156,32 +167,90 @@ def test_sample_corpus_mixes_sources_and_lengths(sentiment, topic, ner):
     assert not [r["text"] for r in corpus if r["text"] in training]
 
 
+@pytest.fixture(scope="module")
+def sentiment_trained() -> set[str]:
+    """Every text the demo sentiment model trains on, normalised."""
+    return {_normalised(r["text"]) for r in sentiment_training()}
+
+
 @pytest.mark.parametrize(
-    ("name", "size", "hard_cases"),
+    ("name", "size", "hard_cases", "labels"),
     [
-        ("heldout_sentiment.jsonl", 70, 15),
-        ("heldout_sentiment_b.jsonl", 50, 3),
-        ("heldout_sentiment_c.jsonl", 60, 3),
+        ("heldout_sentiment.jsonl", 70, 15, SENTIMENT_LABELS),
+        ("heldout_sentiment_b.jsonl", 50, 3, SENTIMENT_LABELS),
+        ("heldout_sentiment_c.jsonl", 60, 3, SENTIMENT_LABELS),
+        ("heldout_sentiment_d.jsonl", 100, 10, DEMO_SENTIMENT_LABELS),
     ],
 )
-def test_heldout_sentiment_files(sentiment, name, size, hard_cases):
+def test_heldout_sentiment_files(sentiment_trained, name, size, hard_cases, labels):
     rows = _read_jsonl(DATA / name)
     counts = Counter(r["label"] for r in rows)
-    assert len(rows) >= size and set(counts) == set(SENTIMENT_LABELS)
+    assert len(rows) >= size and set(counts) == set(labels)
     assert abs(counts["positive"] - counts["negative"]) <= 0.1 * len(rows)
     assert all(isinstance(r["text"], str) and r["text"].strip() for r in rows)
     assert sum(bool(CONTRAST.search(r["text"])) for r in rows) >= hard_cases
     assert sum(bool(NEGATION.search(r["text"])) for r in rows) >= hard_cases
-    assert not {r["text"] for r in rows} & {r["text"] for r in sentiment}
+    texts = [_normalised(r["text"]) for r in rows]
+    assert len(set(texts)) == len(texts)
+    assert not set(texts) & sentiment_trained
 
 
-def test_heldout_ner_file(ner):
-    rows = _read_jsonl(DATA / "heldout_ner.jsonl")
-    assert len(rows) >= 35
+@pytest.mark.parametrize(("name", "size"), [("heldout_ner.jsonl", 35), ("heldout_ner_b.jsonl", 40)])
+def test_heldout_ner_files(name, size):
+    rows = _read_jsonl(DATA / name)
+    assert len(rows) >= size
     for row in rows:
         _check_spans(row)
     assert {e["label"] for r in rows for e in r["entities"]} == set(NER_LABELS)
-    assert not {r["text"] for r in rows} & {r["text"] for r in ner}
+    trained = {_normalised(r["text"]) for r in ner_training()}
+    assert not {_normalised(r["text"]) for r in rows} & trained
+
+
+def test_handwritten_sentiment_rows():
+    rows = handwritten("sentiment")
+    counts = Counter(r["label"] for r in rows)
+    assert set(counts) == set(DEMO_SENTIMENT_LABELS)
+    assert counts["positive"] >= 150 and counts["negative"] >= 150 and counts["neutral"] >= 120
+    texts = [_normalised(r["text"]) for r in rows]
+    assert len(set(texts)) == len(texts)
+    reviews = [r["text"] for r in rows if r["label"] != "neutral"]
+    assert sum(bool(CONTRAST.search(t)) for t in reviews) >= 30
+    assert sum(bool(NEGATION.search(t)) for t in reviews) >= 60
+    generated = {_normalised(r["text"]) for r in make_sentiment(1200) + make_neutral(300)}
+    assert not set(texts) & generated
+
+
+def test_handwritten_ner_rows():
+    rows = handwritten("ner")
+    assert len(rows) >= 120
+    for row in rows:
+        _check_spans(row)
+    people = [r["text"][e["start"] : e["end"]] for r in rows for e in r["entities"] if e["label"] == "PER"]
+    assert any(re.search(r" (de|van|von|da|del|dos|bin) ", p) for p in people), "names with particles"
+    assert any("-" in p for p in people) and any("'" in p for p in people)
+    assert any(_outside_spans(r, "hamstring") for r in rows), "lower-case nouns stay outside"
+    datelines = [r for r in rows if "\n" in r["text"]]
+    assert len(datelines) >= 10
+    for row in datelines:  # the dateline's city is an entity of its own, right after the headline
+        assert any(e["start"] == row["text"].index("\n") + 1 for e in row["entities"]), row
+
+
+def test_training_mixes_keep_every_handwritten_row():
+    for rows, task in ((sentiment_training(), "sentiment"), (ner_training(), "ner")):
+        kept = Counter(json.dumps(r, sort_keys=True) for r in rows)
+        for row in handwritten(task):
+            assert kept[json.dumps(row, sort_keys=True)] == HANDWRITTEN_COPIES
+    assert {r["label"] for r in sentiment_training()} == set(DEMO_SENTIMENT_LABELS)
+
+
+def test_generated_ner_has_headline_and_dateline_starts(ner):
+    starts = [r for r in ner if re.match(r"(.+\n)?[A-Z .'-]+ \(\w+\) - ", r["text"])]
+    assert 0.05 * len(ner) < len(starts) < 0.2 * len(ner)
+    assert any("\n" in r["text"] for r in starts)
+    for row in starts:
+        city_end = row["text"].index(" (", row["text"].find("\n") + 1)
+        labels = {(e["start"], e["end"]): e["label"] for e in row["entities"]}
+        assert labels.get((row["text"].find("\n") + 1, city_end)) == "LOC", row
 
 
 def test_cli_writes_identical_files(tmp_path, capsys):

@@ -52,5 +52,21 @@ def test_quick_demo_output_is_complete(tmp_path):
     assert summary["rows_in"] == summary["rows_out"] == 120
     for model in ("sentiment", "topic", "ner"):
         assert (tmp_path / "models" / model / "model.safetensors").exists()
+    sentiment_config = json.loads((tmp_path / "models" / "sentiment" / "config.json").read_text())
+    assert set(sentiment_config["id2label"].values()) == set(datagen.DEMO_SENTIMENT_LABELS)
+    # Word-level aggregation: an entity never starts or ends inside a run of letters and digits
+    # (punctuation is a word of its own to the tokenizer).
+    for text, entities in zip(
+        table.column("text").to_pylist(), table.column("entities").to_pylist(), strict=True
+    ):
+        for e in entities or []:
+            surface = text[e["start"] : e["end"]]
+            before, after = text[e["start"] - 1 : e["start"]], text[e["end"] : e["end"] + 1]
+            splits = (before.isalnum() and surface[0].isalnum()) or (
+                after.isalnum() and surface[-1].isalnum()
+            )
+            assert not splits, (text[e["start"] - 5 : e["end"] + 5], e)
     assert "examples" in proc.stdout
     assert "nearest to:" in proc.stdout and "cosine" in proc.stdout
+    for noise in ("Failed to query Ray Train Controller", "LOAD REPORT", "Failed to send resource request"):
+        assert noise not in proc.stdout + proc.stderr

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +20,7 @@ from tiny_models import NER_LABELS, build_sequence_classifier, build_token_class
 from transformers import BertConfig, BertForSequenceClassification, pipeline
 
 from bertpipe.config import ConfigError
+from bertpipe.engine.cluster import local_state_api
 from bertpipe.tasks import KINDS
 from bertpipe.train import FinetuneConfig, load_finetune_config, run_finetune
 from bertpipe.train.data import LabelledRows, encode, read_labelled, resolve_labels, spans_to_bio
@@ -345,7 +350,7 @@ def test_entity_metrics_hand_computed():
 def ray_local():
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, **local_state_api())
     yield
     if started:
         ray.shutdown()
@@ -452,3 +457,84 @@ def test_pickle_only_base_model_allowed_when_asked(tmp_path, ray_local):
         "training_summary.json",
     }
     assert {p.name for p in out.iterdir()} == saved
+
+
+MONITOR_PROBE = """
+import ray
+from ray.train.v2._internal.state.util import is_actor_alive
+from bertpipe.engine.cluster import connect
+
+connect(None, local_cpus=1, state_api=True)
+
+@ray.remote(num_cpus=0)
+class Controller:
+    def id(self):
+        return ray.get_runtime_context().get_actor_id()
+
+@ray.remote(num_cpus=0)
+class Cleaner:
+    def controller_alive(self, actor_id):
+        return is_actor_alive(actor_id, timeout=30)
+
+controller = Controller.remote()
+cleaner = Cleaner.options(lifetime="detached").remote()
+print("alive:", ray.get(cleaner.controller_alive.remote(ray.get(controller.id.remote()))))
+ray.kill(cleaner)
+"""
+
+
+@pytest.mark.slow
+def test_ray_train_monitor_reaches_the_state_api_of_its_own_cluster():
+    """What Ray Train's placement-group cleaner (a detached actor) asks every second, asked the same way
+    from a detached actor of the local Ray bertpipe starts, while other local Rays may be running."""
+    proc = subprocess.run([sys.executable, "-c", MONITOR_PROBE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "alive: True" in proc.stdout
+
+
+SECOND_JOB = """
+import ray
+ray.init(address="local", num_cpus=1, include_dashboard=True)  # the dashboard on Ray's default port
+print("second job up", flush=True)
+ray.get([ray.remote(lambda i: i * i).remote(i) for i in range(20)])
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_finetune_survives_other_local_rays_starting_and_stopping(tmp_path):
+    """`bertpipe finetune` while other local Rays (with dashboards) start and stop beside it: it finishes,
+    saves its model once, and prints none of Ray Train's monitor warnings."""
+    data = write_jsonl(tmp_path / "train.jsonl", topic_rows(300))
+    config = write_yaml(
+        tmp_path,
+        f"kind: classification\nbase_model: {bare_encoder(tmp_path)}\ndata: {{paths: [{data}]}}\n"
+        f"output_dir: {tmp_path / 'model'}\nepochs: 1\nbatch_size: 4\nmax_length: 16\n"
+        "runtime: {cpus_per_worker: 1}\n",
+    )
+    env = {**os.environ, "COLUMNS": "200"}
+    finetune = subprocess.Popen(
+        [sys.executable, "-m", "bertpipe", "finetune", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    overlapped, deadline = 0, time.monotonic() + 600
+    while finetune.poll() is None and time.monotonic() < deadline:
+        second = subprocess.run(
+            [sys.executable, "-c", SECOND_JOB], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert second.returncode == 0, second.stderr[-2000:]
+        overlapped += finetune.poll() is None
+    output = finetune.communicate(timeout=max(1, deadline - time.monotonic()))[0]
+
+    assert finetune.returncode == 0, output[-3000:]
+    assert overlapped >= 1, "no second Ray ran during the fine-tune"
+    assert output.count("best val_macro_f1") == 1 and output.count("epoch 1:") == 1, output[-3000:]
+    for noise in ("Failed to query Ray Train Controller", "placement group", "health check"):
+        assert noise not in output, output[-3000:]
+    summary = json.loads((tmp_path / "model" / "training_summary.json").read_text())
+    assert [e["epoch"] for e in summary["epochs"]] == [1]
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -6,6 +6,11 @@ words, negation and contrast, not sentence shapes. Every generator owns a ``rand
 its name and the seed, and Faker instances are seeded per instance, so output depends only on the
 arguments (no global random state).
 
+The demo models train on these rows together with hand-written text kept as data
+(``data/handwritten_*.jsonl``): natural reviews, neutral factual and news sentences, and annotated news
+sentences. Generators teach breadth (many names, domains and shapes); the hand-written text teaches how
+people actually write, which no template reaches (``sentiment_training``, ``ner_training``).
+
 CLI: ``python -m bertpipe.demo.datagen --out DIR [--seed 0]`` writes sentiment/topic/ner JSONL files.
 """
 
@@ -19,6 +24,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache, lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +32,8 @@ from faker import Faker
 
 from bertpipe.demo import vocab as V
 
-SENTIMENT_LABELS = ("positive", "negative")
+SENTIMENT_LABELS = ("positive", "negative")  # the generated reviews; hand-written text adds neutral
+DEMO_SENTIMENT_LABELS = ("positive", "negative", "neutral")
 TOPIC_LABELS = ("business", "sports", "science_tech", "world")
 NER_LABELS = ("PER", "ORG", "LOC")
 CORPUS_SOURCES = ("reviews", "news", "forum")
@@ -50,6 +57,8 @@ _COMPANY_LOCALES = ("en_US", "en_GB", "de_DE", "es_ES", "it_IT", "nl_NL", "sv_SE
 # it_IT is left out: Faker builds its city list from a set, so the order follows PYTHONHASHSEED.
 _CITY_LOCALES = ("en_US", "en_GB", "de_DE", "fr_FR", "es_ES", "nl_NL", "sv_SE", "pl_PL", "en_IN")
 _POOL_SIZE = 120
+# Hand-written rows are few next to the generated ones; repeating them gives them weight in each epoch.
+HANDWRITTEN_COPIES = 3
 
 
 def _rng(kind: str, seed: int) -> random.Random:
@@ -360,6 +369,38 @@ def make_topic(n: int = 2000, seed: int = 0) -> list[dict]:
     )
 
 
+def make_neutral(n: int = 500, seed: int = 0) -> list[dict]:
+    """News headlines and paragraphs labelled ``neutral`` for sentiment: they report, they do not judge."""
+    rng = _rng("neutral", seed)
+    pools = _faker_pools(seed)
+    return _distinct(
+        lambda: {"text": _topic_text(rng, rng.choice(TOPIC_LABELS), pools), "label": "neutral"}, n, set()
+    )
+
+
+def handwritten(task: str) -> list[dict]:
+    """The hand-written training rows of ``sentiment`` (text, label) or ``ner`` (text, entities)."""
+    path = resources.files("bertpipe.demo") / "data" / f"handwritten_{task}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def sentiment_training(n: int = 1200, seed: int = 0) -> list[dict]:
+    """The demo sentiment model's rows: ``n`` generated reviews, ``n // 4`` generated news items as
+    neutral, and the hand-written text, shuffled."""
+    rows = (
+        make_sentiment(n, seed) + make_neutral(n // 4, seed) + handwritten("sentiment") * HANDWRITTEN_COPIES
+    )
+    _rng("sentiment-mix", seed).shuffle(rows)
+    return rows
+
+
+def ner_training(n: int = 2500, seed: int = 0) -> list[dict]:
+    """The demo NER model's rows: generated sentences and the hand-written news sentences, shuffled."""
+    rows = make_ner(n, seed) + handwritten("ner") * HANDWRITTEN_COPIES
+    _rng("ner-mix", seed).shuffle(rows)
+    return rows
+
+
 # -------------------------------------------------------------------------------------------------- NER
 
 _ENTITY_SLOTS = {
@@ -451,14 +492,39 @@ def _ner_sentence(rng: random.Random, pools: _Pools) -> tuple[str, list[dict]]:
     return _render_ner(rng, template, pools)
 
 
+def _shifted(entities: list[dict], shift: int) -> list[dict]:
+    return [{**e, "start": e["start"] + shift, "end": e["end"] + shift} for e in entities]
+
+
+def _ner_dateline(rng: random.Random, pools: _Pools) -> tuple[str, list[dict]]:
+    """``CITY (Agency) - `` with its spans, sometimes after a headline line, as news stories start.
+
+    The encoder is uncased and sees no line breaks, so only these examples teach that the dateline's
+    city starts a new entity after a headline that ends in a name."""
+    text, entities = "", []
+    if rng.random() < 0.6:
+        headline, entities = _ner_sentence(rng, pools)
+        # Headlines have no full stop, unless it belongs to a name at the end ("Foo S.A.").
+        ends_in_name = entities and entities[-1]["end"] == len(headline)
+        text = (headline if ends_in_name else headline.rstrip(".")) + "\n"
+    city, agency = rng.choice(V.CITIES).upper(), rng.choice(V.AGENCIES)
+    entities = [*entities, {"start": len(text), "end": len(text) + len(city), "label": "LOC"}]
+    text += f"{city} ("
+    entities.append({"start": len(text), "end": len(text) + len(agency), "label": "ORG"})
+    return f"{text}{agency}) - ", entities
+
+
 def _ner_text(rng: random.Random, pools: _Pools) -> dict:
-    """One or (sometimes) two sentences with their entity spans."""
+    """One or (sometimes) two sentences with their entity spans, sometimes after a dateline."""
     text, entities = _ner_sentence(rng, pools)
     if rng.random() < 0.2:
         more, more_entities = _ner_sentence(rng, pools)
-        shift = len(text) + 1
+        entities += _shifted(more_entities, len(text) + 1)
         text = f"{text} {more}"
-        entities += [{**e, "start": e["start"] + shift, "end": e["end"] + shift} for e in more_entities]
+    if rng.random() < 0.1:
+        prefix, prefix_entities = _ner_dateline(rng, pools)
+        entities = prefix_entities + _shifted(entities, len(prefix))
+        text = prefix + text
     return {"text": text, "entities": entities}
 
 

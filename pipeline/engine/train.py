@@ -90,10 +90,10 @@ def fit(
 ) -> Iterator[Fitted]:
     """Run ``loop(context, loop_config)`` on ``runtime.num_workers`` workers and yield the best epoch.
 
-    A running Ray is used as it is; otherwise this joins ``runtime.address`` or starts a local Ray, and
-    stops it afterwards.
+    A running Ray is used as it is; otherwise this joins ``runtime.address`` or starts a local Ray with
+    the state API Ray Train's monitor needs (``cluster.local_state_api``), and stops it afterwards.
     """
-    connected = connect(runtime.address)
+    connected = connect(runtime.address, state_api=True)
     try:
         if connected and not (runtime.address or os.environ.get("RAY_ADDRESS")):
             _check_local_resources(runtime)
@@ -174,7 +174,9 @@ def _trainer(runtime: FinetuneRuntime, score_metric: str, storage_path: str, con
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=score_metric, checkpoint_score_order="max"
             ),
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # Ray Train's own warnings are transient retries on a busy machine ("Failed to send resource
+            # request ... safe to ignore", with a traceback); they stay in its log files, not the console.
+            logging_config=LoggingConfig(log_level="ERROR"),
         ),
     )
 

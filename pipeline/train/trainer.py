@@ -318,6 +318,7 @@ def _train_loop(context: WorkerContext, config: dict[str, Any]) -> dict[str, Any
     cfg: FinetuneConfig = config["cfg"]
     rank = context.rank
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # a new head's "MISSING" load report is expected, not news
     torch.set_num_threads(cfg.runtime.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     device = context.device
