@@ -41,6 +41,7 @@ def run_summary(p: Plan, run_id: str, started: float, stats: WriteStats, device:
     config["input"]["paths"] = [redact(x) for x in p.config.input.paths]
     config["output"]["path"] = redact(p.config.output.path)
     config["output"]["catalog"] = redact_options(p.config.output.catalog)
+    config["input"]["catalog"] = redact_options(p.config.input.catalog)
     return {
         "run_id": run_id,
         "bertpipe_version": __version__,
@@ -273,7 +274,7 @@ def execute(
     # A local run checks its files in this process, so that bad input fails before Ray even starts.
     if config.runtime.address:
         connect(config.runtime.address)
-        inspect = inspect_on_ray(config.input.storage_options, config.input.text_column)
+        inspect = inspect_on_ray(config.input.storage_options, config.input.text_column, config.input.csv)
     else:
         inspect = inspect_locally(config)
     p = target.select(plan(config, inspect))

@@ -25,7 +25,7 @@ from ray.data.datasource import FileBasedDatasource
 from ray.data.datasource.datasink import Datasink, WriteResult
 
 from bertpipe import columns as C
-from bertpipe.config import RuntimeConfig
+from bertpipe.config import CsvOptions, RuntimeConfig
 from bertpipe.io.partitions import PartitionSanitiser
 from bertpipe.io.paths import Shard, filesystem_for
 from bertpipe.io.reader import ShardReport, inspect_shard, read_shard
@@ -47,13 +47,22 @@ class ShardDatasource(FileBasedDatasource):
     """One read task per file; ``bertpipe.io.reader.read_shard`` turns the file into blocks."""
 
     def __init__(
-        self, shards: list[Shard], filesystem, text_column: str, derive_id: str | None, rows_per_block: int
+        self,
+        shards: list[Shard],
+        filesystem,
+        text_column: str,
+        derive_id: str | None,
+        rows_per_block: int,
+        schema: pa.Schema | None = None,
+        csv: CsvOptions | None = None,
     ):
         super().__init__([s.path for s in shards], filesystem=filesystem)
         self._by_path = {s.path: s for s in shards}
         self._text_column = text_column
         self._derive_id = derive_id
         self._rows_per_block = rows_per_block
+        self._schema = schema
+        self._csv = csv
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if self._by_path[path].format == "parquet":
@@ -62,15 +71,25 @@ class ShardDatasource(FileBasedDatasource):
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         shard = self._by_path[path]
-        yield from read_shard(f, shard, self._text_column, self._derive_id, self._rows_per_block)
+        yield from read_shard(
+            f,
+            shard,
+            self._text_column,
+            self._derive_id,
+            self._rows_per_block,
+            schema=self._schema,
+            csv=self._csv,
+        )
 
 
-def inspect_on_ray(storage_options: dict[str, Any], text_column: str) -> Inspector:
+def inspect_on_ray(
+    storage_options: dict[str, Any], text_column: str, csv: CsvOptions | None = None
+) -> Inspector:
     """Pre-flight checks as Ray tasks, next to the data on a cluster."""
 
     @ray.remote(num_cpus=0.25)
     def check(shard: Shard) -> ShardReport:
-        return inspect_shard(filesystem_for(shard.url, storage_options), shard, text_column)
+        return inspect_shard(filesystem_for(shard.url, storage_options), shard, text_column, csv)
 
     return lambda shards: ray.get([check.remote(s) for s in shards])
 
@@ -150,7 +169,9 @@ def build_dataset(p: Plan, device: str, report: Callable[[dict], None] | None = 
     cfg, rt = p.config, p.config.runtime
     shards = p.good_shards
     fs = arrow_filesystem(filesystem_for(shards[0].url, cfg.input.storage_options))
-    source = ShardDatasource(shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block)
+    source = ShardDatasource(
+        shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block, p.schema, cfg.input.csv
+    )
     ds = ray.data.read_datasource(source, num_cpus=0.25)
     ds = label_stages(ds, p.models, rt, cfg.input.text_column, cfg.input.max_chars, device, report)
     if cfg.output.partition_by:

@@ -83,16 +83,13 @@ def open_table(p: Plan) -> tuple[_Iceberg | _Delta, pa.Schema]:
 
 
 def table_schema(p: Plan) -> pa.Schema:
-    """The columns ``build_dataset`` produces, typed for the table: input columns (unified over the good
-    files), the derived id, ``_row_key``, ``_error``, the task outputs and ``_partition_original``.
+    """The columns ``build_dataset`` produces, typed for the table: input columns (the job's one schema
+    over the good files), the derived id, ``_row_key``, ``_error``, the task outputs and
+    ``_partition_original``.
 
     Known up front so that a block in which a column happens to be null or missing, which is the
     first block a sink sees often enough, cannot define the table."""
-    good = {s.url for s in p.good_shards}
-    inputs = pa.unify_schemas(
-        [r.schema for r in p.reports if r.shard.url in good and r.schema is not None],
-        promote_options="permissive",
-    )
+    inputs = p.schema
     text = p.config.input.text_column
     fields = [
         pa.field(f.name, pa.string() if f.name == text else _storable(f.type))
