@@ -117,11 +117,17 @@ def _csv_options(shard: Shard, csv: CsvOptions | None) -> tuple:
 def _parse_csv(data: bytes, shard: Shard, csv: CsvOptions | None, types: dict | None = None) -> pa.Table:
     """A CSV/TSV file with a header row. ``types`` (the job's schema) parse columns straight into their
     types; others are inferred, but dates and times stay strings. Invalid UTF-8 is left to the text
-    column's check (an error row), not made a bad file."""
+    column's check (an error row), not made a bad file. An empty field is null, as Spark and DuckDB
+    read it; ``""`` is the empty string."""
     read, parse = _csv_options(shard, csv)
 
     def parse_with(column_types: dict) -> pa.Table:
-        convert = pacsv.ConvertOptions(column_types=column_types, check_utf8=False)
+        convert = pacsv.ConvertOptions(
+            column_types=column_types,
+            check_utf8=False,
+            strings_can_be_null=True,  # an empty field is null, a quoted empty one ("") the empty string
+            quoted_strings_can_be_null=False,
+        )
         return pacsv.read_csv(
             io.BytesIO(data), read_options=read, parse_options=parse, convert_options=convert
         )
