@@ -140,8 +140,13 @@ class InputConfig(_Strict):
     def _source(self) -> InputConfig:
         fmt = self.format.value
         if fmt == "iceberg":
-            if self.paths or not self.table:
-                raise ValueError("input.format iceberg reads input.table (namespace.table), not input.paths")
+            if not self.table or "." not in self.table:
+                raise ValueError("input.format iceberg reads input.table, namespace.table")
+            if not self.catalog and len(self.paths) != 1:
+                raise ValueError(
+                    "input.format iceberg: set input.catalog, or input.paths: [FOLDER] for the SQLite "
+                    "catalog bertpipe keeps there"
+                )
         elif not self.paths:
             raise ValueError("input.paths: at least one path is required")
         elif fmt == "delta" and len(self.paths) != 1:
@@ -165,6 +170,7 @@ class OutputMode(str, Enum):
     append = "append"
     resume = "resume"
     incremental = "incremental"
+    merge = "merge"  # Iceberg and Delta: upsert by input.id_column
 
 
 class OutputConfig(_Strict):

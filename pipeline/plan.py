@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from bertpipe import columns as C
-from bertpipe.config import ConfigError, JobConfig
+from bertpipe.config import TABLE_INPUTS, ConfigError, JobConfig
 from bertpipe.io.paths import Shard, discover, filesystem_for, redact
 from bertpipe.io.reader import ShardReport, inspect_shard, try_casts
 from bertpipe.io.schema import unify
+from bertpipe.io.tables import TableInput, open_input_table
 from bertpipe.models.loading import ModelInfo, inspect_model
 from bertpipe.tasks import TaskBase, kind_of
 
@@ -75,6 +76,9 @@ class Plan:
     skipped: list[dict[str, str]] = field(default_factory=list)
     derive_id: str | None = None
     schema: pa.Schema | None = None  # the input columns' one type across files (``bertpipe.io.schema``)
+    table: TableInput | None = None  # a table input read whole; None for files and incremental reads
+    key_column: str | None = None  # table inputs: ``_row_key`` is ``<table>#<this column>``
+    key_prefix: str = ""
 
     @property
     def model_tasks(self) -> list[ModelTask]:
@@ -89,8 +93,18 @@ class Plan:
         """The same plan restricted to ``shards`` (incremental runs)."""
         keep = {s.url for s in shards}
         reports = [r for r in self.reports if r.shard.url in keep]
+        whole = self.table if len(keep) == len(self.shards) else None  # else only the new files are read
         return Plan(
-            self.config, self.models, list(shards), reports, self.skipped, self.derive_id, self.schema
+            self.config,
+            self.models,
+            list(shards),
+            reports,
+            self.skipped,
+            self.derive_id,
+            self.schema,
+            whole,
+            self.key_column,
+            self.key_prefix,
         )
 
     @property
@@ -124,13 +138,13 @@ def plan_models(tasks: list[TaskBase]) -> ModelPlan:
 
 
 def check_shards(
-    config: JobConfig, shards: list[Shard], inspect: Inspector
+    config: JobConfig, shards: list[Shard], inspect: Inspector, table: pa.Schema | None = None
 ) -> tuple[list, list[dict], pa.Schema]:
     """Apply ``input.on_bad_file`` to unreadable files, files without the text column and columns whose
     type conflicts with the job's one schema; returns the reports, the skipped files and that schema."""
     reports = inspect(shards)
     bad = {r.shard.url: r.problem for r in reports if r.problem}
-    unified = unify(config.input, reports)
+    unified = unify(config.input, reports, table)
     bad.update(unified.bad)
     todo = [(r.shard, unified.casts[r.shard.url]) for r in reports if r.shard.url in unified.casts]
     if todo:  # casts that depend on the values (JSON strings as Parquet's dates): tried on them
@@ -152,10 +166,10 @@ def check_shards(
     ]
     for item in skipped:
         log.warning("skipping bad input file %s: %s", item["file"], item["reason"])
-    if len(skipped) == len(reports):
+    if skipped and len(skipped) == len(reports):
         raise ConfigError("every input file is bad; nothing to do")
     if skipped:  # the schema of the files that are read
-        unified = unify(config.input, [r for r in reports if r.shard.url not in bad])
+        unified = unify(config.input, [r for r in reports if r.shard.url not in bad], table)
     return reports, skipped, unified.schema
 
 
@@ -204,14 +218,19 @@ def inspect_locally(config: JobConfig) -> Inspector:
 def plan(config: JobConfig, inspect: Inspector | None = None) -> Plan:
     models = plan_models(config.tasks)
     cfg = config.input
-    shards = discover(
-        cfg.paths,
-        cfg.format,
-        cfg.storage_options,
-        formats=("parquet", "jsonl", "csv"),
-        partitioning=cfg.partitioning,
-    )
-    reports, skipped, schema = check_shards(config, shards, inspect or inspect_locally(config))
-    derive_id = resolve_id_column(config, reports, skipped)
-    check_columns(config, models, {c for r in reports for c in r.columns}, derive_id)
-    return Plan(config, models, shards, reports, skipped, derive_id, schema)
+    table, table_schema = None, None
+    if cfg.format.value in TABLE_INPUTS:
+        table, table_schema, shards = open_input_table(cfg)
+    else:
+        shards = discover(
+            cfg.paths,
+            cfg.format,
+            cfg.storage_options,
+            formats=("parquet", "jsonl", "csv"),
+            partitioning=cfg.partitioning,
+        )
+    reports, skipped, schema = check_shards(config, shards, inspect or inspect_locally(config), table_schema)
+    derive_id = None if table else resolve_id_column(config, reports, skipped)
+    check_columns(config, models, set(schema.names), derive_id)
+    key = (cfg.id_column, table.name) if table else (None, "")
+    return Plan(config, models, shards, reports, skipped, derive_id, schema, table, *key)

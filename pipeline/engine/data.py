@@ -28,7 +28,8 @@ from bertpipe import columns as C
 from bertpipe.config import CsvOptions, RuntimeConfig
 from bertpipe.io.partitions import PartitionSanitiser
 from bertpipe.io.paths import Shard, filesystem_for
-from bertpipe.io.reader import ShardReport, inspect_shard, read_shard
+from bertpipe.io.reader import ShardReport, conform_block, inspect_shard, normalise_block, read_shard
+from bertpipe.io.tables import TableInput
 from bertpipe.io.warehouse import conform
 from bertpipe.io.writer import WriteStats, arrow_filesystem
 from bertpipe.plan import Inspector, ModelPlan, Plan
@@ -55,6 +56,7 @@ class ShardDatasource(FileBasedDatasource):
         rows_per_block: int,
         schema: pa.Schema | None = None,
         csv: CsvOptions | None = None,
+        key: tuple[str, str] | None = None,
     ):
         super().__init__([s.path for s in shards], filesystem=filesystem)
         self._by_path = {s.path: s for s in shards}
@@ -63,6 +65,7 @@ class ShardDatasource(FileBasedDatasource):
         self._rows_per_block = rows_per_block
         self._schema = schema
         self._csv = csv
+        self._key = key
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if self._by_path[path].format == "parquet":
@@ -79,7 +82,36 @@ class ShardDatasource(FileBasedDatasource):
             self._rows_per_block,
             schema=self._schema,
             csv=self._csv,
+            key=self._key,
         )
+
+
+def read_table(table: TableInput) -> Dataset:
+    """A whole Delta or Iceberg table at the planned version, through Ray Data's readers."""
+    if table.format == "delta":
+        options = table.storage_options or None
+        return ray.data.read_delta(
+            table.location, version=table.version, storage_options=options, num_cpus=0.25
+        )
+    props = dict(table.catalog)
+    return ray.data.read_iceberg(
+        table_identifier=table.location,
+        snapshot_id=table.version,
+        catalog_kwargs={"name": props.pop("name"), **props},
+        num_cpus=0.25,
+    )
+
+
+class TableRows:
+    """A table reader's blocks as the file datasource yields them: the job's schema, ``_row_key`` from
+    the id, ``_error`` for texts of the wrong type."""
+
+    def __init__(self, schema: pa.Schema, text_column: str, key: tuple[str, str]):
+        self.schema, self.text_column, self.key = schema, text_column, key
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        table = conform_block(batch, self.schema, self.text_column)
+        return normalise_block(table, self.text_column, 0, "", None, self.key)
 
 
 def inspect_on_ray(
@@ -167,12 +199,21 @@ def label_stages(
 def build_dataset(p: Plan, device: str, report: Callable[[dict], None] | None = None) -> Dataset:
     """The lazy Ray Data plan of a job: read -> prepare -> infer -> postprocess (-> partition sanitiser)."""
     cfg, rt = p.config, p.config.runtime
-    shards = p.good_shards
-    fs = arrow_filesystem(filesystem_for(shards[0].url, cfg.input.storage_options))
-    source = ShardDatasource(
-        shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block, p.schema, cfg.input.csv
-    )
-    ds = ray.data.read_datasource(source, num_cpus=0.25)
+    key = (p.key_column, p.key_prefix) if p.key_column else None
+    if p.table is not None:
+        ds = read_table(p.table).map_batches(
+            TableRows(p.schema, cfg.input.text_column, key),
+            batch_format="pyarrow",
+            batch_size=rt.rows_per_block,
+            num_cpus=0.25,
+        )
+    else:
+        shards = p.good_shards
+        fs = arrow_filesystem(filesystem_for(shards[0].url, cfg.input.storage_options))
+        source = ShardDatasource(
+            shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block, p.schema, cfg.input.csv, key
+        )
+        ds = ray.data.read_datasource(source, num_cpus=0.25)
     ds = label_stages(ds, p.models, rt, cfg.input.text_column, cfg.input.max_chars, device, report)
     if cfg.output.partition_by:
         ds = ds.map_batches(

@@ -299,9 +299,15 @@ def _arrow_kind(dtype: pa.DataType) -> str:
 
 
 def normalise_block(
-    table: pa.Table, text_column: str, row_start: int, shard_url: str, derive_id: str | None
+    table: pa.Table,
+    text_column: str,
+    row_start: int,
+    shard_url: str,
+    derive_id: str | None,
+    key: tuple[str, str] | None = None,
 ) -> pa.Table:
-    """Text as string with ``_error`` for wrong types, ``_row_key``, and a derived id when asked."""
+    """Text as string with ``_error`` for wrong types, ``_row_key``, and a derived id when asked.
+    ``key`` (a table input's id column and name) makes ``_row_key`` ``<name>#<id>``."""
     texts, reasons = text_as_string(table.column(text_column))
     if TEXT_PROBLEM in table.column_names:
         problems = table.column(TEXT_PROBLEM).to_pylist()
@@ -309,7 +315,11 @@ def normalise_block(
         table = table.drop_columns([TEXT_PROBLEM])
     table = table.set_column(table.schema.get_field_index(text_column), text_column, texts)
     n = table.num_rows
-    keys = pa.array([f"{shard_url}#{row_start + i}" for i in range(n)], pa.string())
+    if key is not None:
+        ids = table.column(key[0]).to_pylist()
+        keys = pa.array([f"{key[1]}#{i}" for i in ids], pa.string())
+    else:
+        keys = pa.array([f"{shard_url}#{row_start + i}" for i in range(n)], pa.string())
     if derive_id:
         table = table.append_column(derive_id, keys) if derive_id not in table.column_names else table
     table = table.append_column(C.ROW_KEY, keys)
@@ -371,6 +381,7 @@ def read_shard(
     *,
     schema: pa.Schema | None = None,
     csv: CsvOptions | None = None,
+    key: tuple[str, str] | None = None,
 ) -> Iterator[pa.Table]:
     """The rows of one open file in normalised blocks of ``rows_per_block`` rows, in the job's schema.
 
@@ -386,5 +397,5 @@ def read_shard(
 
     row = 0
     for block in blocks():
-        yield normalise_block(block, text_column, row, shard.url, derive_id)
+        yield normalise_block(block, text_column, row, shard.url, derive_id, key)
         row += block.num_rows

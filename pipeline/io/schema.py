@@ -87,13 +87,15 @@ class Unified:
         self.casts: dict[str, dict[str, pa.DataType]] = {}  # file url -> {column: type} to try on values
 
 
-def unify(config: InputConfig, reports: list[ShardReport]) -> Unified:
-    """The schema of ``reports``' good files (see the module's rules). The text column is a string:
-    its odd values become error rows, never a bad file."""
+def unify(config: InputConfig, reports: list[ShardReport], table: pa.Schema | None = None) -> Unified:
+    """The schema of ``reports``' good files (see the module's rules); a table input's own schema
+    (``table``) declares types as ``input.schema`` does. The text column is a string: its odd values
+    become error rows, never a bad file."""
     text = config.text_column
-    declared = config.arrow_schema()
+    declared = {f.name: normal(f.type) for f in table or []}
+    declared.update({name: normal(dtype) for name, dtype in config.arrow_schema().items()})
     readable = [r for r in reports if not r.problem and r.schema is not None]
-    order: dict[str, None] = {}
+    order: dict[str, None] = dict.fromkeys(f.name for f in table or [] if f.name != text)
     types: dict[str, list[tuple[ShardReport, pa.DataType]]] = {}
     for report in readable:
         for f in report.schema:
@@ -104,7 +106,7 @@ def unify(config: InputConfig, reports: list[ShardReport]) -> Unified:
     out = Unified()
     fields = []
     for name in order:
-        entries = types[name]
+        entries = types.get(name, [])
         target = declared.get(name) or _reference(entries)
         for report, dtype in entries:
             url = report.shard.url
@@ -115,7 +117,9 @@ def unify(config: InputConfig, reports: list[ShardReport]) -> Unified:
                 continue
             out.bad.setdefault(url, f"schema differs: column {name!r} is {dtype} here, {target} elsewhere")
         fields.append(pa.field(name, target))
-    if any(text in r.schema.names for r in readable):
+    if table is not None:
+        fields.insert(min(table.names.index(text), len(fields)), pa.field(text, pa.string()))
+    elif any(text in r.schema.names for r in readable):
         position = next(r.schema.names.index(text) for r in readable if text in r.schema.names)
         fields.insert(min(position, len(fields)), pa.field(text, pa.string()))
     out.schema = pa.schema(fields)
