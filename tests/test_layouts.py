@@ -10,9 +10,11 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import WINDOW, base_config, make_texts
+from conftest import WINDOW, base_config, make_texts, write_config
 from transformers import pipeline as hf_pipeline
+from typer.testing import CliRunner
 
+from bertpipe.cli import app
 from bertpipe.config import ConfigError, JobConfig
 from bertpipe.io.paths import discover
 from bertpipe.io.reader import read_shard
@@ -121,6 +123,16 @@ def test_discovery_skips_hidden_files_and_reads_hive_keys(warehouse_folder, tmp_
     assert discover([str(tmp_path / "t")], "jsonl", {}, partitioning="hive")[0].partitions == (
         ("region", "a/b"),
     )
+
+
+def test_validate_a_folder_beside_a_delta_log_and_an_earlier_output(warehouse_folder, models, tmp_path):
+    root, rows = warehouse_folder
+    cfg = config(root, tmp_path / "out", models, **CSV_OPTIONS).model_dump(mode="json", by_alias=True)
+    result = CliRunner().invoke(
+        app, ["validate", str(write_config(tmp_path / "job.yaml", **cfg)), "--no-estimate"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "3 (0 skipped by policy)" in result.stdout and f"│ {len(rows)} " in result.stdout
 
 
 def test_one_schema_across_parquet_jsonl_and_csv(warehouse_folder, models, tmp_path):
