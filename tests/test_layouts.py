@@ -48,7 +48,7 @@ def read_all(cfg: JobConfig, shards, schema) -> pa.Table:
     tables = []
     for shard in shards:
         with open(shard.path, "rb") as fh:
-            tables += read_shard(fh, shard, "text", None, 1000, schema=schema, csv=cfg.input.csv)
+            tables += read_shard(fh, shard, "text", None, 2, schema=schema, csv=cfg.input.csv)
     return pa.concat_tables(tables)
 
 

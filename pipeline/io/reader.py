@@ -366,10 +366,10 @@ def file_blocks(
         tables = (pa.Table.from_batches([b]) for b in parquet.iter_batches(rows_per_block, columns=present))
     else:
         types = {f.name: f.type for f in schema if f.name != text_column} if schema is not None else None
-        table = _read_whole(f, shard, text_column, csv, types if shard.format == "csv" else None)
-        tables = (table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block))
-    for table in tables:
-        yield conform_block(with_partitions(table, shard), schema, text_column)
+        whole = _read_whole(f, shard, text_column, csv, types if shard.format == "csv" else None)
+        tables = (whole.slice(i, rows_per_block) for i in range(0, whole.num_rows, rows_per_block))
+    for block in tables:
+        yield conform_block(with_partitions(block, shard), schema, text_column)
 
 
 def read_shard(
