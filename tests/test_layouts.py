@@ -151,6 +151,7 @@ def test_one_schema_across_parquet_jsonl_and_csv(warehouse_folder, models, tmp_p
         ]
     )
     got = read_all(cfg, shards, schema)
+    assert sorted(got.column("id").to_pylist()) == sorted(r["id"] for r in rows)  # each once
     assert got.column_names[:6] == schema.names
     expected = {r["id"]: r for r in rows}
     for row in got.to_pylist():
