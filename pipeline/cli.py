@@ -107,8 +107,13 @@ def validate(
     table = Table(title=f"{config}: OK")
     table.add_column("what")
     table.add_column("value")
+    if p.table is not None:
+        table.add_row("input table", f"{p.table} (version {p.table.version})")
     table.add_row("input files", f"{len(p.good_shards)} ({len(p.skipped)} skipped by policy)")
     table.add_row("rows", str(p.rows_in))
+    if p.schema is not None:
+        columns = ", ".join(f"{f.name} {f.type}" for f in p.schema)
+        table.add_row("input columns", columns if len(columns) < 300 else columns[:297] + "...")
     table.add_row("tasks", ", ".join(f"{t.name} ({t.kind})" for t in cfg.tasks))
     table.add_row("tokenisations", str(len(p.models.groups)))
     table.add_row(

@@ -42,6 +42,58 @@ class InputFormat(str, Enum):
     jsonl = "jsonl"
 
 
+class SourceFormat(str, Enum):
+    """A job's input: files (``auto`` by extension, or one format) or a table."""
+
+    auto = "auto"
+    parquet = "parquet"
+    jsonl = "jsonl"
+    csv = "csv"
+    iceberg = "iceberg"
+    delta = "delta"
+
+
+TABLE_INPUTS = ("iceberg", "delta")
+
+
+class CsvOptions(_Strict):
+    """How CSV/TSV shards are parsed: a header row, then values; quoted values may hold newlines."""
+
+    delimiter: str | None = Field(default=None, min_length=1, max_length=1)  # "," (.tsv: tab)
+    quote: str = Field(default='"', min_length=1, max_length=1)
+    encoding: str = "utf-8"
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r}") from None
+        return value
+
+
+def arrow_type(alias: str):
+    """An Arrow type from its name as pyarrow prints it: ``string``, ``int64``, ``float64``, ``bool``,
+    ``date32``, ``timestamp[us]``, ``timestamp[us, tz=UTC]``, ``decimal128(12, 2)``."""
+    import re
+
+    import pyarrow as pa
+
+    text = alias.strip()
+    if m := re.fullmatch(r"timestamp\[(s|ms|us|ns)(?:,\s*tz=([^\]]+))?\]", text):
+        return pa.timestamp(m.group(1), m.group(2))
+    if m := re.fullmatch(r"decimal128\((\d+),\s*(\d+)\)", text):
+        return pa.decimal128(int(m.group(1)), int(m.group(2)))
+    try:
+        return pa.type_for_alias(text)
+    except ValueError:
+        examples = "e.g. string, int64, float64, date32, timestamp[us]"
+        raise ValueError(f"unknown Arrow type {alias!r} ({examples})") from None
+
+
 _PATHS_SCHEMA = {
     "title": "Paths",
     "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
@@ -49,9 +101,19 @@ _PATHS_SCHEMA = {
 
 
 class InputConfig(_Strict):
+    # ``schema`` is a BaseModel method, hence the field ``schema_`` under that name in YAML and dumps.
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, validate_by_name=True, serialize_by_alias=True
+    )
     # One path may be given as a string (``_one_path_is_a_list``); the schema says so for editors too.
-    paths: Annotated[list[str], WithJsonSchema(_PATHS_SCHEMA)] = Field(min_length=1)
-    format: InputFormat = InputFormat.auto
+    paths: Annotated[list[str], WithJsonSchema(_PATHS_SCHEMA)] = Field(default_factory=list)
+    format: SourceFormat = SourceFormat.auto
+    partitioning: Literal["hive", "none"] = "hive"
+    schema_: dict[str, str] = Field(default_factory=dict, alias="schema")  # column -> Arrow type
+    csv: CsvOptions = Field(default_factory=CsvOptions)
+    table: str | None = None  # iceberg: namespace.table
+    catalog: dict[str, Any] = Field(default_factory=dict)  # iceberg: pyiceberg catalog properties
+    version: int | None = Field(default=None, ge=0)  # delta: the version to read (default: latest)
     text_column: str = "text"
     id_column: str | None = "id"
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -64,6 +126,43 @@ class InputConfig(_Strict):
     def _one_path_is_a_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
 
+    @field_validator("schema_")
+    @classmethod
+    def _arrow_types(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, alias in value.items():
+            try:
+                arrow_type(alias)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _source(self) -> InputConfig:
+        fmt = self.format.value
+        if fmt == "iceberg":
+            if not self.table or "." not in self.table:
+                raise ValueError("input.format iceberg reads input.table, namespace.table")
+            if not self.catalog and len(self.paths) != 1:
+                raise ValueError(
+                    "input.format iceberg: set input.catalog, or input.paths: [FOLDER] for the SQLite "
+                    "catalog bertpipe keeps there"
+                )
+        elif not self.paths:
+            raise ValueError("input.paths: at least one path is required")
+        elif fmt == "delta" and len(self.paths) != 1:
+            raise ValueError("input.format delta reads one table: input.paths: [TABLE_PATH]")
+        if fmt in TABLE_INPUTS and not self.id_column:
+            raise ValueError(f"input.format {fmt}: set input.id_column, the key of the table's rows")
+        if self.version is not None and fmt != "delta":
+            raise ValueError("input.version applies to input.format delta")
+        if (self.table or self.catalog) and fmt != "iceberg":
+            raise ValueError("input.table and input.catalog apply to input.format iceberg")
+        return self
+
+    def arrow_schema(self):
+        """``input.schema`` as Arrow types."""
+        return {name: arrow_type(alias) for name, alias in self.schema_.items()}
+
 
 class OutputMode(str, Enum):
     error = "error"
@@ -71,6 +170,7 @@ class OutputMode(str, Enum):
     append = "append"
     resume = "resume"
     incremental = "incremental"
+    merge = "merge"  # Iceberg and Delta: upsert by input.id_column
 
 
 class OutputConfig(_Strict):

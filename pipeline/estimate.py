@@ -38,7 +38,8 @@ def sample_rows(p: Plan, limit: int) -> pa.Table:
     for shard in p.good_shards:
         fs = filesystem_for(shard.url, cfg.storage_options)
         with fs.open(shard.path, "rb", compression="gzip" if shard.path.endswith(".gz") else None) as fh:
-            for block in read_shard(fh, shard, cfg.text_column, p.derive_id, limit):
+            blocks = read_shard(fh, shard, cfg.text_column, p.derive_id, limit, schema=p.schema, csv=cfg.csv)
+            for block in blocks:
                 tables.append(block.slice(0, limit - count))
                 count += tables[-1].num_rows
                 break

@@ -8,7 +8,6 @@ it is fast and runs anywhere; ``run`` and ``label`` hand the plan to ``bertpipe.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,9 +15,11 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from bertpipe import columns as C
-from bertpipe.config import ConfigError, JobConfig
+from bertpipe.config import TABLE_INPUTS, ConfigError, JobConfig
 from bertpipe.io.paths import Shard, discover, filesystem_for, redact
-from bertpipe.io.reader import ShardReport, inspect_shard
+from bertpipe.io.reader import ShardReport, inspect_shard, try_casts
+from bertpipe.io.schema import unify
+from bertpipe.io.tables import TableInput, open_input_table
 from bertpipe.models.loading import ModelInfo, inspect_model
 from bertpipe.tasks import TaskBase, kind_of
 
@@ -80,6 +81,10 @@ class Plan:
     reports: list[ShardReport]
     skipped: list[dict[str, str]] = field(default_factory=list)
     derive_id: str | None = None
+    schema: pa.Schema | None = None  # the input columns' one type across files (``bertpipe.io.schema``)
+    table: TableInput | None = None  # a table input read whole; None for files and incremental reads
+    key_column: str | None = None  # table inputs: ``_row_key`` is ``<table>#<this column>``
+    key_prefix: str = ""
 
     @property
     def model_tasks(self) -> list[ModelTask]:
@@ -94,7 +99,19 @@ class Plan:
         """The same plan restricted to ``shards`` (incremental runs)."""
         keep = {s.url for s in shards}
         reports = [r for r in self.reports if r.shard.url in keep]
-        return Plan(self.config, self.models, list(shards), reports, self.skipped, self.derive_id)
+        whole = self.table if len(keep) == len(self.shards) else None  # else only the new files are read
+        return Plan(
+            self.config,
+            self.models,
+            list(shards),
+            reports,
+            self.skipped,
+            self.derive_id,
+            self.schema,
+            whole,
+            self.key_column,
+            self.key_prefix,
+        )
 
     @property
     def rows_in(self) -> int:
@@ -133,43 +150,40 @@ def plan_models(tasks: list[TaskBase]) -> ModelPlan:
     return ModelPlan(infos, model_tasks, list(groups.values()))
 
 
-def check_shards(config: JobConfig, shards: list[Shard], inspect: Inspector) -> tuple[list, list[dict]]:
-    """Apply ``input.on_bad_file`` to unreadable files, files without the text column and schema drift."""
+def check_shards(
+    config: JobConfig, shards: list[Shard], inspect: Inspector, table: pa.Schema | None = None
+) -> tuple[list, list[dict], pa.Schema]:
+    """Apply ``input.on_bad_file`` to unreadable files, files without the text column and columns whose
+    type conflicts with the job's one schema; returns the reports, the skipped files and that schema."""
     reports = inspect(shards)
     bad = {r.shard.url: r.problem for r in reports if r.problem}
-    readable = [r for r in reports if not r.problem and r.schema is not None]
-    # The type most files agree on is the reference, so one odd file is the one flagged.
-    votes: dict[str, Counter] = {}
-    for report in readable:
-        for f in report.schema:
-            if f.name != config.input.text_column and not pa.types.is_null(f.type):
-                votes.setdefault(f.name, Counter())[_value_type(f.type)] += 1
-    for report in readable:
-        for f in report.schema:
-            if f.name not in votes or pa.types.is_null(f.type):
-                continue
-            expected = votes[f.name].most_common(1)[0][0]
-            if _value_type(f.type) != expected:
-                bad[report.shard.url] = (
-                    f"schema differs: column {f.name!r} is {f.type} here, {expected} elsewhere"
-                )
+    unified = unify(config.input, reports, table)
+    bad.update(unified.bad)
+    todo = [(r.shard, unified.casts[r.shard.url]) for r in reports if r.shard.url in unified.casts]
+    if todo:  # casts that depend on the values (JSON strings as Parquet's dates): tried on them
+        fs = filesystem_for(todo[0][0].url, config.input.storage_options)
+        text, csv = config.input.text_column, config.input.csv
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            problems = pool.map(lambda t: try_casts(fs, t[0], t[1], text, csv), todo)
+            for (shard, _), problem in zip(todo, list(problems), strict=True):
+                if problem and shard.url not in bad:
+                    bad[shard.url] = problem
     if bad and config.input.on_bad_file == "fail":
-        url, problem = next(iter(bad.items()))
+        url, problem = next((r.shard.url, bad[r.shard.url]) for r in reports if r.shard.url in bad)
         more = f" (and {len(bad) - 1} more bad files)" if len(bad) > 1 else ""
         raise ConfigError(
             f"bad input file {redact(url)}: {problem}{more}; set input.on_bad_file: skip to skip"
         )
-    skipped = [{"file": redact(url), "reason": problem} for url, problem in bad.items()]
+    skipped = [
+        {"file": redact(r.shard.url), "reason": bad[r.shard.url]} for r in reports if r.shard.url in bad
+    ]
     for item in skipped:
         log.warning("skipping bad input file %s: %s", item["file"], item["reason"])
-    if len(skipped) == len(reports):
+    if skipped and len(skipped) == len(reports):
         raise ConfigError("every input file is bad; nothing to do")
-    return reports, skipped
-
-
-def _value_type(dtype: pa.DataType) -> pa.DataType:
-    """Dictionary-encoded (categorical) columns compare as their values."""
-    return dtype.value_type if pa.types.is_dictionary(dtype) else dtype
+    if skipped:  # the schema of the files that are read
+        unified = unify(config.input, [r for r in reports if r.shard.url not in bad], table)
+    return reports, skipped, unified.schema
 
 
 def resolve_id_column(config: JobConfig, reports: list[ShardReport], skipped: list[dict]) -> str | None:
@@ -211,15 +225,28 @@ def inspect_locally(config: JobConfig) -> Inspector:
             return []
         fs = filesystem_for(shards[0].url, config.input.storage_options)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            return list(pool.map(lambda s: inspect_shard(fs, s, config.input.text_column), shards))
+            text, csv = config.input.text_column, config.input.csv
+            return list(pool.map(lambda s: inspect_shard(fs, s, text, csv), shards))
 
     return run
 
 
 def plan(config: JobConfig, inspect: Inspector | None = None) -> Plan:
     models = plan_models(config.tasks)
-    shards = discover(config.input.paths, config.input.format, config.input.storage_options)
-    reports, skipped = check_shards(config, shards, inspect or inspect_locally(config))
-    derive_id = resolve_id_column(config, reports, skipped)
-    check_columns(config, models, {c for r in reports for c in r.columns}, derive_id)
-    return Plan(config, models, shards, reports, skipped, derive_id)
+    cfg = config.input
+    table, table_schema = None, None
+    if cfg.format.value in TABLE_INPUTS:
+        table, table_schema, shards = open_input_table(cfg)
+    else:
+        shards = discover(
+            cfg.paths,
+            cfg.format,
+            cfg.storage_options,
+            formats=("parquet", "jsonl", "csv"),
+            partitioning=cfg.partitioning,
+        )
+    reports, skipped, schema = check_shards(config, shards, inspect or inspect_locally(config), table_schema)
+    derive_id = None if table else resolve_id_column(config, reports, skipped)
+    check_columns(config, models, set(schema.names), derive_id)
+    key = (cfg.id_column, table.name) if table else (None, "")
+    return Plan(config, models, shards, reports, skipped, derive_id, schema, table, *key)

@@ -48,6 +48,7 @@ def run_summary(p: Plan, run_id: str, started: float, stats: WriteStats, device:
     config["input"]["paths"] = [redact(x) for x in p.config.input.paths]
     config["output"]["path"] = redact(p.config.output.path)
     config["output"]["catalog"] = redact_options(p.config.output.catalog)
+    config["input"]["catalog"] = redact_options(p.config.input.catalog)
     return {
         "run_id": run_id,
         "bertpipe_version": __version__,
@@ -140,6 +141,8 @@ class ParquetTarget:
             else:
                 log.info("resuming run %s (publish mode %s)", self.intent.run_id, self.intent.mode)
                 mode = self.intent.mode
+        elif mode == "merge":
+            raise ConfigError("output.mode merge applies to output.format iceberg or delta (upsert by id)")
         elif mode == "error" and location.has_data():
             raise ConfigError(
                 f"output.path {redact(config.output.path)} already has data; "
@@ -211,25 +214,47 @@ class ParquetTarget:
 
 
 class TableTarget:
-    """Iceberg / Delta: the table format's own commit replaces staging and publish."""
+    """Iceberg / Delta: the table format's own commit replaces publish. ``merge`` and ``incremental``
+    stage the rows as Parquet first (one writer at a time, under the output's lock), then upsert them."""
 
     def __init__(self, config: JobConfig, verify: Callable[[Plan, WriteStats], None] = verify_counts):
-        from bertpipe.io.warehouse import check_target
+        from bertpipe.io.warehouse import UPSERT_MODES, check_target
 
         self.config = config
         self.verify = verify  # runs on the counts of everything written, before the table commits
         check_target(config.output)  # before any model is loaded
         self.info: dict[str, Any] = {}
+        self.upsert = config.output.mode.value in UPSERT_MODES
+        output = config.output
+        self.location = OutputLocation.from_url(output.path, output.storage_options) if self.upsert else None
+        self.ledger: Ledger | None = None
 
     def begin(self) -> bool:
+        if self.location is not None:
+            check_lock(self.location)
         return True
 
     def select(self, p: Plan) -> Plan:
-        return p
+        """Incremental runs process only new or changed input files (for a table input: the data files
+        of the versions or snapshots after those recorded)."""
+        if self.config.output.mode.value != "incremental":
+            return p
+        self.ledger = Ledger.load(self.location)
+        return p.only(self.ledger.changed(p.good_shards))
 
     @contextmanager
     def writing(self, run_id: str, started: float) -> Iterator[None]:
-        yield  # the catalog (Iceberg) or the log (Delta) serialises concurrent commits
+        """The catalog (Iceberg) or the log (Delta) serialises concurrent commits; a merge also holds
+        the output's lock, for its staging folder."""
+        if self.location is None:
+            yield
+            return
+        lock = OutputLock(self.location, run_id)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def write(self, build, p: Plan, run_id: str) -> WriteStats:
         from bertpipe.engine.data import write_table
@@ -237,6 +262,15 @@ class TableTarget:
 
         target, schema = open_table(p)
         mode = self.config.output.mode.value
+        if self.upsert:
+            stats = self._merge(build, p, run_id, target, schema)
+            self.info = {
+                "format": target.format,
+                "table": str(target),
+                "mode": mode,
+                **target.committed(run_id),
+            }
+            return stats
         id_column = p.id_column if p.id_column in schema.names else "_row_key"
 
         def before_commit(stats: WriteStats) -> None:
@@ -250,8 +284,35 @@ class TableTarget:
         self.info = {"format": target.format, "table": str(target), "mode": mode, **target.committed(run_id)}
         return stats
 
+    def _merge(self, build, p: Plan, run_id: str, target, schema) -> WriteStats:
+        """Stage, count and verify as for Parquet, then upsert the staged rows by id in one commit."""
+        from bertpipe.engine.data import staged_stats, write_staged_parquet
+        from bertpipe.io.warehouse import staged_rows
+
+        location, id_column = self.location, p.id_column
+        location.reset_staging()
+        if location.fs.exists(location.checkpoint):
+            location.fs.rm(location.checkpoint, recursive=True)
+        write_staged_parquet(build, location, [], location.staging, run_prefix(run_id))
+        files = data_files(location.fs, location.staging)
+        stats = staged_stats(location.fs, files, id_column, p.derive_id is not None, p.rows_in)
+        self.verify(p, stats)
+        if stats.duplicate_ids:
+            raise ConfigError(
+                f"output.mode {self.config.output.mode.value}: {stats.duplicate_ids} duplicate ids in "
+                f"{id_column!r}; a merge needs one input row per id. Nothing was written"
+            )
+        if stats.rows:
+            target.merge(staged_rows(location.fs, files, schema), id_column, run_id)
+        for path in (location.staging, location.checkpoint):
+            if location.fs.exists(path):
+                location.fs.rm(path, recursive=True)
+        return stats
+
     def commit(self, p: Plan, run_id: str, summary: dict[str, Any]) -> None:
         summary["table"] = self.info
+        if self.ledger is not None:  # after the table's commit: a crash between re-merges the same rows
+            self.ledger.append(self.location, p.good_shards, run_id)
 
 
 def check_output(config: JobConfig) -> tuple[ParquetTarget | TableTarget, bool]:
@@ -292,7 +353,7 @@ def execute(
     # A local run checks its files in this process, so that bad input fails before Ray even starts.
     if config.runtime.address:
         connect(config.runtime.address)
-        inspect = inspect_on_ray(config.input.storage_options, config.input.text_column)
+        inspect = inspect_on_ray(config.input.storage_options, config.input.text_column, config.input.csv)
     else:
         inspect = inspect_locally(config)
     p = target.select(plan(config, inspect))

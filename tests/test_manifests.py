@@ -135,6 +135,7 @@ def test_cronjob_is_daily_and_never_overlaps():
     script = container["args"][0]
     assert "ray job submit" in script and "--no-wait" not in script, "Forbid needs the submit to wait"
     assert "dt=${dt}" in script and "output.mode=incremental" in script
+    assert '"output.partition_by=[dt]"' in script, "each day goes to its own dt partition"
     env = {e["name"]: e for e in container["env"]}
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "auth_token"
@@ -151,6 +152,7 @@ def test_crontab_escapes_percent_signs():
     assert len(fields) == 6
     command = fields[5]
     assert "ray job submit" in command and "output.mode=incremental" in command
+    assert '"output.partition_by=[dt]"' in command, "each day goes to its own dt partition"
     assert re.search(r"(?<!\\)%", command) is None, "cron turns a bare % into a newline"
 
 

@@ -27,10 +27,11 @@ from ray.data.datasource import FileBasedDatasource, FilenameProvider
 from ray.data.datasource.datasink import Datasink, WriteResult
 
 from bertpipe import columns as C
-from bertpipe.config import RuntimeConfig
+from bertpipe.config import CsvOptions, RuntimeConfig
 from bertpipe.io.partitions import PartitionSanitiser
 from bertpipe.io.paths import Shard, filesystem_for
-from bertpipe.io.reader import ShardReport, inspect_shard, read_shard
+from bertpipe.io.reader import ShardReport, conform_block, inspect_shard, normalise_block, read_shard
+from bertpipe.io.tables import TableInput
 from bertpipe.io.warehouse import conform
 from bertpipe.io.writer import WriteStats, arrow_filesystem
 from bertpipe.plan import Inspector, ModelPlan, Plan
@@ -49,13 +50,24 @@ class ShardDatasource(FileBasedDatasource):
     """One read task per file; ``bertpipe.io.reader.read_shard`` turns the file into blocks."""
 
     def __init__(
-        self, shards: list[Shard], filesystem, text_column: str, derive_id: str | None, rows_per_block: int
+        self,
+        shards: list[Shard],
+        filesystem,
+        text_column: str,
+        derive_id: str | None,
+        rows_per_block: int,
+        schema: pa.Schema | None = None,
+        csv: CsvOptions | None = None,
+        key: tuple[str, str] | None = None,
     ):
         super().__init__([s.path for s in shards], filesystem=filesystem)
         self._by_path = {s.path: s for s in shards}
         self._text_column = text_column
         self._derive_id = derive_id
         self._rows_per_block = rows_per_block
+        self._schema = schema
+        self._csv = csv
+        self._key = key
 
     def _open_input_source(self, filesystem, path: str, **open_args):
         if self._by_path[path].format == "parquet":
@@ -64,10 +76,52 @@ class ShardDatasource(FileBasedDatasource):
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         shard = self._by_path[path]
-        yield from read_shard(f, shard, self._text_column, self._derive_id, self._rows_per_block)
+        yield from read_shard(
+            f,
+            shard,
+            self._text_column,
+            self._derive_id,
+            self._rows_per_block,
+            schema=self._schema,
+            csv=self._csv,
+            key=self._key,
+        )
 
 
-def inspect_on_ray(storage_options: dict[str, Any], text_column: str, files_per_task: int = 256) -> Inspector:
+def read_table(table: TableInput) -> Dataset:
+    """A whole Delta or Iceberg table at the planned version, through Ray Data's readers."""
+    if table.format == "delta":
+        options = table.storage_options or None
+        return ray.data.read_delta(
+            table.location, version=table.version, storage_options=options, num_cpus=0.25
+        )
+    props = dict(table.catalog)
+    return ray.data.read_iceberg(
+        table_identifier=table.location,
+        snapshot_id=table.version,
+        catalog_kwargs={"name": props.pop("name"), **props},
+        num_cpus=0.25,
+    )
+
+
+class TableRows:
+    """A table reader's blocks as the file datasource yields them: the job's schema, ``_row_key`` from
+    the id, ``_error`` for texts of the wrong type."""
+
+    def __init__(self, schema: pa.Schema, text_column: str, key: tuple[str, str]):
+        self.schema, self.text_column, self.key = schema, text_column, key
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        table = conform_block(batch, self.schema, self.text_column)
+        return normalise_block(table, self.text_column, 0, "", None, self.key)
+
+
+def inspect_on_ray(
+    storage_options: dict[str, Any],
+    text_column: str,
+    csv: CsvOptions | None = None,
+    files_per_task: int = 256,
+) -> Inspector:
     """Pre-flight checks as Ray tasks, next to the data on a cluster: one task per batch of files (a task
     per file would cost the driver more than the check of a small file), threads within a task for
     object stores' latency."""
@@ -76,7 +130,7 @@ def inspect_on_ray(storage_options: dict[str, Any], text_column: str, files_per_
     def check(batch: list[Shard]) -> list[ShardReport]:
         fs = filesystem_for(batch[0].url, storage_options)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            return list(pool.map(lambda s: inspect_shard(fs, s, text_column), batch))
+            return list(pool.map(lambda s: inspect_shard(fs, s, text_column, csv), batch))
 
     def run(shards: list[Shard]) -> list[ShardReport]:
         batches = [shards[i : i + files_per_task] for i in range(0, len(shards), files_per_task)]
@@ -158,10 +212,21 @@ def label_stages(
 def build_dataset(p: Plan, device: str, report: Callable[[dict], None] | None = None) -> Dataset:
     """The lazy Ray Data plan of a job: read -> prepare -> infer -> postprocess (-> partition sanitiser)."""
     cfg, rt = p.config, p.config.runtime
-    shards = p.good_shards
-    fs = arrow_filesystem(filesystem_for(shards[0].url, cfg.input.storage_options))
-    source = ShardDatasource(shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block)
-    ds = ray.data.read_datasource(source, num_cpus=0.25)
+    key = (p.key_column, p.key_prefix) if p.key_column else None
+    if p.table is not None:
+        ds = read_table(p.table).map_batches(
+            TableRows(p.schema, cfg.input.text_column, key),
+            batch_format="pyarrow",
+            batch_size=rt.rows_per_block,
+            num_cpus=0.25,
+        )
+    else:
+        shards = p.good_shards
+        fs = arrow_filesystem(filesystem_for(shards[0].url, cfg.input.storage_options))
+        source = ShardDatasource(
+            shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block, p.schema, cfg.input.csv, key
+        )
+        ds = ray.data.read_datasource(source, num_cpus=0.25)
     ds = label_stages(ds, p.models, rt, cfg.input.text_column, cfg.input.max_chars, device, report)
     if cfg.output.partition_by:
         ds = ds.map_batches(

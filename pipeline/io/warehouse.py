@@ -10,13 +10,18 @@ commit: it fits every block to the table schema and counts row keys, ids and err
 sink, and the driver runs the same checks as the Parquet path (each row key exactly once, duplicate ids)
 before anything commits.
 
-Modes: ``error`` appends to a table that must hold no rows (checked before the run and again just
-before the commit); ``append`` adds a snapshot / version; ``overwrite`` replaces all rows in one commit
-(Iceberg records it as a delete snapshot followed by an append snapshot, Delta as one version), so
-readers see the old rows until then and time travel keeps them. A table keeps its partition columns
-for life: they must equal ``output.partition_by``. New columns (a new task) are added as nullable
-columns (Iceberg commits that schema change as the write starts, Delta with the data); Delta's
-overwrite replaces the schema, Iceberg's keeps old columns (null in the new rows).
+Modes: ``error`` appends to a table that must hold no rows (checked before the run and again just before
+the commit); ``append`` adds a snapshot / version; ``merge`` upserts by the id column: the rows are
+staged as Parquet under Ray's row checkpoint and counted as for a Parquet output, then merged in one
+commit (Delta's ``MERGE``; Iceberg's overwrite-by-filter, a delete of the ids and an append, per chunk,
+in one transaction), creating the table if it does not exist; ``incremental`` merges the rows of the
+input files (or table versions) that are new since the ledger ``<output.path>/_state/ledger/``;
+``overwrite`` replaces all rows in one commit (Iceberg records it as a delete snapshot followed by an
+append snapshot, Delta as one version), so readers see the old rows until then and time travel keeps
+them. A table keeps its partition columns for life: they must equal ``output.partition_by``. New columns
+(a new task) are added as nullable columns (Iceberg commits that schema change as the write starts, Delta
+with the data); Delta's overwrite replaces the schema, Iceberg's keeps old columns (null in the new
+rows).
 
 Types: NER spans and top-k lists (``list<struct>``) are stored as nested types in both formats, and
 embedding vectors (``fixed_size_list<float>``) as ``list<float>``.
@@ -37,6 +42,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.utils import get_protocol
 
 from bertpipe import columns as C
@@ -50,7 +56,9 @@ if TYPE_CHECKING:
 TABLE_FORMATS = ("iceberg", "delta")
 DEFAULT_TABLE = "bertpipe.enriched"
 RUN_ID_PROPERTY = "bertpipe.run_id"
-_MODES = ("error", "overwrite", "append")
+_MODES = ("error", "overwrite", "append", "merge", "incremental")
+UPSERT_MODES = ("merge", "incremental")
+MERGE_CHUNK_ROWS = 50_000
 
 
 def check_target(output: OutputConfig) -> _Iceberg | _Delta:
@@ -59,7 +67,7 @@ def check_target(output: OutputConfig) -> _Iceberg | _Delta:
     if output.mode.value not in _MODES:
         raise ConfigError(
             f"output.mode {output.mode.value} is not supported with output.format {output.format}; "
-            "use error, overwrite or append"
+            "use error, overwrite, append, merge or incremental"
         )
     target = _Iceberg(output) if output.format == "iceberg" else _Delta(output)
     existing = target.partition_columns()
@@ -84,16 +92,13 @@ def open_table(p: Plan) -> tuple[_Iceberg | _Delta, pa.Schema]:
 
 
 def table_schema(p: Plan) -> pa.Schema:
-    """The columns ``build_dataset`` produces, typed for the table: input columns (unified over the good
-    files), the derived id, ``_row_key``, ``_error``, the task outputs and ``_partition_original``.
+    """The columns ``build_dataset`` produces, typed for the table: input columns (the job's one schema
+    over the good files), the derived id, ``_row_key``, ``_error``, the task outputs and
+    ``_partition_original``.
 
     Known up front so that a block in which a column happens to be null or missing, which is the
     first block a sink sees often enough, cannot define the table."""
-    good = {s.url for s in p.good_shards}
-    inputs = pa.unify_schemas(
-        [r.schema for r in p.reports if r.shard.url in good and r.schema is not None],
-        promote_options="permissive",
-    )
+    inputs = p.schema
     text = p.config.input.text_column
     fields = [
         pa.field(f.name, pa.string() if f.name == text else _storable(f.type))
@@ -139,6 +144,25 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+def staged_rows(fs, files: list[str], schema: pa.Schema) -> pa.RecordBatchReader:
+    """The staged Parquet files as one stream in the table's schema, in chunks of about
+    ``MERGE_CHUNK_ROWS`` rows (a merge costs a rewrite per chunk)."""
+
+    def chunks():
+        pending, rows = [], 0
+        for path in files:
+            with fs.open(path, "rb") as fh:
+                pending.append(conform(pq.read_table(fh), schema))
+            rows += pending[-1].num_rows
+            if rows >= MERGE_CHUNK_ROWS:
+                yield from pa.concat_tables(pending).combine_chunks().to_batches(max_chunksize=rows)
+                pending, rows = [], 0
+        if pending:
+            yield from pa.concat_tables(pending).combine_chunks().to_batches(max_chunksize=max(rows, 1))
+
+    return pa.RecordBatchReader.from_batches(schema, chunks())
+
+
 def _local_path(url: str) -> str | None:
     """The absolute path of a local path or file:// URL; None for remote URLs."""
     if get_protocol(url) not in ("file", "local"):
@@ -148,12 +172,19 @@ def _local_path(url: str) -> str | None:
 
 def catalog_properties(output: OutputConfig) -> dict[str, Any]:
     """``output.catalog`` (``name`` defaults to "default", as in Ray), or the local SQLite catalog."""
-    if output.catalog:
-        return {"name": "default", **output.catalog}
-    root = _local_path(output.path)
+    return iceberg_catalog_properties(output.catalog, output.path, "output")
+
+
+def iceberg_catalog_properties(catalog: dict[str, Any], path: str | None, section: str) -> dict[str, Any]:
+    """``catalog`` (``name`` defaults to "default", as in Ray), or the SQLite catalog bertpipe keeps in
+    the local folder ``path`` (``catalog.db``, data under ``warehouse/``)."""
+    if catalog:
+        return {"name": "default", **catalog}
+    root = _local_path(path) if path else None
     if root is None:
         raise ConfigError(
-            "output.format iceberg: set output.catalog; the default SQLite catalog needs a local output.path"
+            f"{section}.format iceberg: set {section}.catalog; the default SQLite catalog needs a local "
+            f"{section}.path{'s' if section == 'input' else ''}"
         )
     # Named "bertpipe", not "default": pyiceberg merges ~/.pyiceberg.yaml settings of the same name.
     return {
@@ -243,6 +274,25 @@ class _Iceberg:
 
         self.table().delete(AlwaysTrue(), snapshot_properties={RUN_ID_PROPERTY: run_id})
 
+    def merge(self, rows: pa.RecordBatchReader, id_column: str, run_id: str) -> None:
+        """Upsert by ``id_column`` in one transaction: per chunk, the rows whose id it holds are deleted
+        and the chunk appended (pyiceberg's ``overwrite`` with a filter), so a row is replaced whole.
+        pyiceberg's ``upsert`` would compare every column first, and cannot compare nested ones."""
+        from pyiceberg.expressions import In
+
+        table = self.table()
+        with table.transaction() as txn:
+            with txn.update_schema() as update:  # a new task's columns
+                update.union_by_name(rows.schema)
+            for batch in rows:
+                chunk = pa.Table.from_batches([batch])
+                ids = [i for i in chunk.column(id_column).to_pylist() if i is not None]
+                properties = {RUN_ID_PROPERTY: run_id}
+                if ids:
+                    txn.overwrite(chunk, overwrite_filter=In(id_column, ids), snapshot_properties=properties)
+                else:
+                    txn.append(chunk, snapshot_properties=properties)
+
     def committed(self, run_id: str) -> dict[str, Any]:
         ours = [s for s in self.table().snapshots() if s.summary[RUN_ID_PROPERTY] == run_id]
         return {"snapshot_id": ours[-1].snapshot_id if ours else None}
@@ -297,6 +347,32 @@ class _Delta:
 
     def clear(self, run_id: str) -> None:
         """Nothing to do: Ray's sink commits an empty overwrite, which empties the table."""
+
+    def merge(self, rows: pa.RecordBatchReader, id_column: str, run_id: str) -> None:
+        """Upsert by ``id_column`` with Delta's ``MERGE`` (one version); a new table is written whole."""
+        from deltalake import CommitProperties, write_deltalake
+
+        table = self.table()
+        commit = CommitProperties(custom_metadata={RUN_ID_PROPERTY: run_id})
+        if table is None:
+            write_deltalake(
+                self.uri,
+                rows,
+                partition_by=self.partition_by or None,
+                name=self.name,
+                storage_options=self.storage_options,
+                commit_properties=commit,
+            )
+            return
+        column = '"' + id_column.replace('"', '""') + '"'
+        table.merge(
+            rows,
+            predicate=f"target.{column} = source.{column}",
+            source_alias="source",
+            target_alias="target",
+            merge_schema=True,
+            commit_properties=commit,
+        ).when_matched_update_all().when_not_matched_insert_all().execute()
 
     def committed(self, run_id: str) -> dict[str, Any]:
         return {"version": self.table().version()}
