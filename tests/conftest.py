@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import socket
 import sys
@@ -142,3 +143,13 @@ def free_ports(n: int) -> list[int]:
         for s in socks:
             s.bind(("127.0.0.1", 0))
         return [s.getsockname()[1] for s in socks]
+
+
+@pytest.fixture
+def pipeline_log(caplog):
+    """caplog for the ``bertpipe`` logger, which does not propagate once a stage has configured it."""
+    logger = logging.getLogger("bertpipe")
+    logger.addHandler(caplog.handler)
+    with caplog.at_level(logging.INFO, logger="bertpipe"):
+        yield caplog
+    logger.removeHandler(caplog.handler)

@@ -8,7 +8,6 @@ bf16."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import subprocess
@@ -367,15 +366,6 @@ def _stages(tasks: list[dict], texts: list[str], runtime: RuntimeConfig) -> pa.T
     prepare = PrepareStage("text", models.groups, runtime.max_length, runtime.window_stride, None)
     infer = InferStage(models.model_tasks, runtime, "cpu")
     return PostprocessStage(models.model_tasks, "text")(infer(prepare(table)))
-
-
-@pytest.fixture
-def pipeline_log(caplog):
-    logger = logging.getLogger("bertpipe")
-    logger.addHandler(caplog.handler)
-    with caplog.at_level(logging.INFO, logger="bertpipe"):
-        yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 @pytest.mark.slow

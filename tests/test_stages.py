@@ -3,8 +3,6 @@ GPU out-of-memory splitting. References are computed independently with HF model
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -93,16 +91,6 @@ def test_long_text_chunk_pools_window_scores(models):
             assert out.column(C.label(name))[i].as_py() == model.config.id2label[int(pooled.argmax())]
             assert out.column(C.score(name))[i].as_py() == pytest.approx(float(pooled.max()), abs=1e-4)
     assert any(len(tok(t)["input_ids"]) > 64 for t in texts), "some texts must need several windows"
-
-
-@pytest.fixture
-def pipeline_log(caplog):
-    """caplog for the ``bertpipe`` logger, which does not propagate once a stage has configured it."""
-    logger = logging.getLogger("bertpipe")
-    logger.addHandler(caplog.handler)
-    with caplog.at_level(logging.INFO, logger="bertpipe"):
-        yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def test_bf16_check_compares_with_fp32_and_logs(models, pipeline_log):

@@ -88,15 +88,18 @@ class ClassificationPostprocess(Postprocessor):
             C.score(self.task.name): pa.array(best_scores, pa.float32(), mask=~ok),
         }
         if self.task.top_k > 1:
-            k = min(self.task.top_k, num_labels)
-            tops = [
-                [{"label": self.labels[j], "score": float(pooled[i, j])} for j in order[i, :k]]
-                if ok[i]
-                else None
-                for i in range(n_rows)
-            ]
-            out[C.top(self.task.name)] = pa.array(tops, TOP_TYPE)
+            out[C.top(self.task.name)] = top_labels(self.labels, pooled, order, ok, self.task.top_k)
         return out
+
+
+def top_labels(labels: np.ndarray, scores: np.ndarray, order: np.ndarray, ok: np.ndarray, k: int) -> pa.Array:
+    """The ``k`` best labels of each row with their scores (``order``: label indices, best first)."""
+    k = min(k, len(labels))
+    tops = [
+        [{"label": labels[j], "score": float(scores[i, j])} for j in order[i, :k]] if ok[i] else None
+        for i in range(len(ok))
+    ]
+    return pa.array(tops, TOP_TYPE)
 
 
 class Classification(Kind):

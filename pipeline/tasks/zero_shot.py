@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 from bertpipe import columns as C
 from bertpipe.errors import ConfigError
 from bertpipe.tasks.base import Kind, Postprocessor, TaskBase, TaskBatch, value_counts
-from bertpipe.tasks.classification import TOP_TYPE
+from bertpipe.tasks.classification import TOP_TYPE, top_labels
 
 
 class ZeroShotTask(TaskBase):
@@ -97,14 +97,7 @@ class ZeroShotPostprocess(Postprocessor):
             C.score(self.task.name): pa.array(scores[np.arange(n_rows), best], pa.float32(), mask=~ok),
         }
         if self.task.top_k > 1:
-            k = min(self.task.top_k, n)
-            tops = [
-                [{"label": self.labels[j], "score": float(scores[i, j])} for j in order[i, :k]]
-                if ok[i]
-                else None
-                for i in range(n_rows)
-            ]
-            out[C.top(self.task.name)] = pa.array(tops, TOP_TYPE)
+            out[C.top(self.task.name)] = top_labels(self.labels, scores, order, ok, self.task.top_k)
         return out
 
 
