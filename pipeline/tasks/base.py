@@ -187,6 +187,10 @@ class Kind:
     label_hint: ClassVar[str | None] = None  # what a label must name, where the kind restricts labels
     label_order: ClassVar[tuple[str, ...] | None] = None  # the order of the head's labels, if fixed
 
+    labelled: ClassVar[bool] = (
+        True  # False: no label list; the kind reads rows and scores with the hooks below
+    )
+
     def train_label(self, label: str) -> str | None:
         """A label of the training data or config as the head stores it; None: not a label of this kind."""
         return label
@@ -198,3 +202,37 @@ class Kind:
         if None in normalised or len(set(normalised)) != len(normalised):
             return None
         return normalised
+
+    def train_model_kwargs(self, labels: list[str] | None) -> dict[str, Any]:
+        """Config keys ``auto_model.from_pretrained`` gets for the head (its labels)."""
+        extra = {} if self.token_level else {"problem_type": "single_label_classification"}
+        return {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)},
+            **extra,
+        }
+
+    def train_predict(self, out) -> np.ndarray:
+        """What validation keeps of a forward pass (a torch output): the argmax labels."""
+        return out.logits.argmax(-1).cpu().numpy()
+
+    # ---- fine-tuning of kinds that are not ``labelled`` (e.g. qa's answer spans)
+    def train_columns(self, data) -> list[str]:
+        """The columns of a training row (``data``: the fine-tune config's ``data`` section)."""
+        raise NotImplementedError
+
+    def train_row(self, values: dict[str, Any], where: str) -> tuple[str, Any]:
+        """One training row checked: (text, target); raise ConfigError naming ``where``."""
+        raise NotImplementedError
+
+    def train_features(
+        self, tokenizer, texts: list[str], targets: list, max_length: int, stride: int
+    ) -> dict[str, np.ndarray]:
+        """Right-padded model inputs (``input_ids``, ``attention_mask``...) and targets, one entry per
+        sequence (a long row may give several)."""
+        raise NotImplementedError
+
+    def train_scores(self, arrays: dict[str, np.ndarray], predictions: np.ndarray) -> dict[str, float]:
+        """Validation scores (named without ``val_``) of ``train_predict``'s output for ``arrays``."""
+        raise NotImplementedError

@@ -19,6 +19,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from bertpipe import columns as C
+from bertpipe.config import ConfigError
 from bertpipe.tasks.base import Kind, Postprocessor, TaskBase, TaskBatch
 
 ANSWERS_TYPE = pa.list_(
@@ -178,7 +179,8 @@ class Qa(Kind):
     name = "qa"
     config = QaTask
     auto_model = "AutoModelForQuestionAnswering"
-    trainable = False
+    labelled = False
+    train_metric = "val_span_accuracy"
     head_module = "qa_outputs"
     head_tensors = ("qa_outputs.",)
     compared = "answer start/end tokens"
@@ -275,6 +277,98 @@ class Qa(Kind):
         answers = outputs[f"{task.name}_answer"]
         found = sum(1 for a in answers.to_pylist() if a)
         return {"answered": found, "no answer": len(answers) - answers.null_count - found}
+
+    # ---- fine-tuning on SQuAD-style rows: {context, question, answers: {text: [...], answer_start: [...]}}
+    def train_model_kwargs(self, labels) -> dict:
+        return {}
+
+    def train_columns(self, data) -> list[str]:
+        return [data.context_column, data.question_column, data.answers_column]
+
+    def train_row(self, values: dict, where: str) -> tuple[str, tuple[str, tuple[int, int] | None]]:
+        """(context, (question, character span of the first answer or None: unanswerable))."""
+        context, question, answers = values.values()
+        if not isinstance(context, str) or not context.strip():
+            raise ConfigError(f"{where}: context must be a non-empty string, got {context!r}")
+        if not isinstance(question, str) or not question.strip():
+            raise ConfigError(f"{where}: question must be a non-empty string, got {question!r}")
+        if not isinstance(answers, dict) or not {"text", "answer_start"} <= answers.keys():
+            raise ConfigError(
+                f"{where}: answers must be {{text: [...], answer_start: [...]}}, got {answers!r}"
+            )
+        texts, starts = answers["text"] or [], answers["answer_start"] or []
+        if len(texts) != len(starts):
+            raise ConfigError(f"{where}: answers has {len(texts)} texts but {len(starts)} answer_start")
+        for text, start in zip(texts, starts, strict=True):
+            if not isinstance(start, int) or isinstance(start, bool) or not isinstance(text, str) or not text:
+                raise ConfigError(f"{where}: answer {text!r} at {start!r}: need a non-empty text and an int")
+            if context[start : start + len(text)] != text:
+                raise ConfigError(f"{where}: answer {text!r} is not at character {start} of the context")
+        span = (starts[0], starts[0] + len(texts[0])) if texts else None
+        return context, (question, span)
+
+    def train_features(self, tokenizer, texts, targets, max_length, stride) -> dict[str, np.ndarray]:
+        """HF ``run_qa.py``'s training features: (question, context) windows as ``encode`` cuts them
+        (question first), the answer's first and last token as start/end positions, and [CLS] (0) for
+        an unanswerable row or a window the answer is not wholly inside."""
+        if tokenizer.padding_side != "right":
+            raise ConfigError("base_model: qa fine-tuning needs a tokenizer that pads on the right")
+        try:
+            enc = tokenizer(
+                [question for question, _ in targets],
+                texts,
+                truncation="only_second",
+                max_length=max_length,
+                stride=stride,
+                return_overflowing_tokens=True,
+                return_offsets_mapping=True,
+                padding="max_length",
+                return_token_type_ids="token_type_ids" in tokenizer.model_input_names,
+                return_tensors="np",
+            )
+        except Exception as exc:  # e.g. a question that leaves no room for stride tokens of context
+            raise ConfigError(
+                f"max_length/stride: cannot window the contexts: {str(exc).splitlines()[0]}"
+            ) from exc
+        starts, ends = [], []
+        for w, row in enumerate(enc["overflow_to_sample_mapping"]):
+            span = targets[row][1]
+            context = [i for i, s in enumerate(enc.sequence_ids(w)) if s == 1]
+            offsets = enc["offset_mapping"][w]
+            if span is None or offsets[context[0]][0] > span[0] or offsets[context[-1]][1] < span[1]:
+                starts.append(0)
+                ends.append(0)
+                continue
+            first = context[0]
+            while first <= context[-1] and offsets[first][0] <= span[0]:
+                first += 1
+            last = context[-1]
+            while last >= context[0] and offsets[last][1] >= span[1]:
+                last -= 1
+            starts.append(first - 1)
+            ends.append(last + 1)
+        arrays = {
+            "input_ids": enc["input_ids"].astype(np.int32),
+            "attention_mask": enc["attention_mask"].astype(np.int8),
+            "start_positions": np.array(starts, np.int64),
+            "end_positions": np.array(ends, np.int64),
+        }
+        if "token_type_ids" in enc:
+            arrays["token_type_ids"] = enc["token_type_ids"].astype(np.int8)
+        return arrays
+
+    def train_predict(self, out) -> np.ndarray:
+        return np.stack(
+            [out.start_logits.argmax(-1).cpu().numpy(), out.end_logits.argmax(-1).cpu().numpy()], -1
+        )
+
+    def train_scores(self, arrays, predictions) -> dict[str, float]:
+        """Token-position accuracy per window: ``span_accuracy`` (start and end both the gold tokens,
+        [CLS] for no answer in the window) and ``start_accuracy``. Simpler than answer-text EM/F1 and the
+        same thing on one-window rows: the predicted tokens are what ``answers_for`` turns into text."""
+        start = predictions[:, 0] == arrays["start_positions"]
+        end = predictions[:, 1] == arrays["end_positions"]
+        return {"span_accuracy": float((start & end).mean()), "start_accuracy": float(start.mean())}
 
 
 KIND = Qa()

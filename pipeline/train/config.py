@@ -2,7 +2,7 @@
 
 Schema (defaults shown)::
 
-    kind: classification            # classification | sentiment | ner
+    kind: classification            # classification | sentiment | ner | qa
     base_model: PATH_OR_HUB_ID      # any BERT-family checkpoint; a bare encoder gets a new head
     data:
       paths: [train.jsonl]          # files, folders, globs or fsspec URLs (s3://...); Parquet or JSONL(.gz)
@@ -10,6 +10,9 @@ Schema (defaults shown)::
       text_column: text
       label_column: label           # classification / sentiment
       entities_column: entities     # ner: list of {start, end, label} character spans
+      context_column: context       # qa: SQuAD-style rows (context, question,
+      question_column: question     #   answers: {text: [...], answer_start: [...]}; empty lists: no answer)
+      answers_column: answers
       validation_paths: []          # a fixed validation set instead of validation_fraction
       storage_options: {}           # fsspec options for both (credentials are not written to the summary)
     labels: null                    # label list, order = ids; ner: entity types or full BIO tags
@@ -23,6 +26,7 @@ Schema (defaults shown)::
     weight_decay: 0.01
     warmup_ratio: 0.1
     max_length: 128
+    stride: 32                      # qa: tokens shared by overlapping context windows
     max_steps: null                 # stop after this many optimizer steps (quick runs, tests)
     dtype: auto                     # auto | float32 | bfloat16 (autocast; optimizer stays fp32)
     trust_remote_code: false
@@ -37,7 +41,8 @@ Schema (defaults shown)::
 
 ``kind: sentiment`` is classification whose labels are normalised to lowercase
 positive / negative / neutral (by the sentiment task's own rules: ``POS``, ``bad``, ``4 stars``...), so
-the folder plugs into a sentiment task without a label map.
+the folder plugs into a sentiment task without a label map. ``kind: qa`` trains an extractive
+question-answering head (start/end token logits) on SQuAD-style rows; it has no labels.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class FinetuneData(_Strict):
     text_column: str = "text"
     label_column: str = "label"
     entities_column: str = "entities"
+    context_column: str = "context"
+    question_column: str = "question"
+    answers_column: str = "answers"
     validation_paths: list[str] = Field(default_factory=list)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -89,6 +97,7 @@ class FinetuneConfig(_Strict):
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     max_length: int = Field(default=128, ge=8)
+    stride: int = Field(default=32, ge=0)
     max_steps: int | None = Field(default=None, ge=1)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     trust_remote_code: bool = False
@@ -113,6 +122,8 @@ class FinetuneConfig(_Strict):
         kind = KINDS.get(info.data.get("kind"))
         if kind is None:
             return value  # the kind's own error is reported
+        if not kind.labelled:
+            raise ValueError(f"{kind.name} is trained without labels")
         bad = [label for label in value if kind.train_label(label) is None]
         if bad:
             raise ValueError(f"{kind.name} labels must be {kind.label_hint}, got {', '.join(bad)}")

@@ -72,15 +72,24 @@ def _read_table(fs, shard: Shard, columns: list[str]) -> pa.Table:
 def read_labelled(cfg: FinetuneConfig, patterns: Sequence[str], key: str) -> LabelledRows:
     """Read, check and normalise every labelled row of the files ``patterns`` (config ``key``) name."""
     data = cfg.data
-    is_ner = cfg.task_kind.token_level
+    kind = cfg.task_kind
+    is_ner = kind.token_level
     target_column = data.entities_column if is_ner else data.label_column
+    columns = [data.text_column, target_column] if kind.labelled else kind.train_columns(data)
     rows = LabelledRows()
     for shard in discover(list(patterns), data.format, data.storage_options, key):
         fs = filesystem_for(shard.url, data.storage_options)
-        table = _read_table(fs, shard, [data.text_column, target_column])
+        table = _read_table(fs, shard, columns)
+        url = redact(shard.url)
+        if not kind.labelled:
+            for i, values in enumerate(table.select(columns).to_pylist(), start=1):
+                text, target = kind.train_row(values, f"{url} row {i}")
+                rows.texts.append(text)
+                rows.targets.append(target)
+                rows.origins.append((url, i))
+            continue
         texts = table.column(data.text_column).to_pylist()
         targets = table.column(target_column).to_pylist()
-        url = redact(shard.url)
         for i, (text, target) in enumerate(zip(texts, targets, strict=True), start=1):
             where = f"{url} row {i}"
             if not isinstance(text, str):
@@ -257,6 +266,12 @@ def encode(
     }
 
 
+def subset(rows: LabelledRows, index: np.ndarray) -> LabelledRows:
+    return LabelledRows(
+        [rows.texts[i] for i in index], [rows.targets[i] for i in index], [rows.origins[i] for i in index]
+    )
+
+
 def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (train, validation) row indices: a seeded permutation, validation at least one row."""
     if n < 2:
@@ -264,7 +279,3 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     order = np.random.default_rng(seed).permutation(n)
     n_val = min(n - 1, max(1, round(n * fraction)))
     return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
-def take(arrays: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: array[index] for name, array in arrays.items()}

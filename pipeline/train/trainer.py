@@ -1,4 +1,4 @@
-"""Fine-tune a BERT-family classifier or BIO tagger on Ray Train and publish the best epoch.
+"""Fine-tune a BERT-family classifier, BIO tagger or extractive QA head on Ray Train; publish the best.
 
 The driver reads and checks the data, picks the labels and tokenises once into padded numpy
 arrays, which the engine puts in the object store: every data error surfaces before a worker starts,
@@ -7,10 +7,10 @@ would only pay off for corpora too big for memory, which labelled fine-tune sets
 
 ``bertpipe.engine.train.fit`` runs ``_train_loop`` on ``runtime.num_workers`` Ray Train workers and
 hands it a ``WorkerContext`` (rank, device, DDP, distributed sampler, report), so this module needs no
-Ray. After each epoch rank 0 scores the validation split (accuracy and macro-F1, or entity-level F1 for
-NER) and reports the metrics with a ``save_pretrained`` checkpoint; Ray keeps only the best one. The
-driver copies it, with the tokenizer and ``training_summary.json``, into a temp folder beside
-``output_dir`` and renames it into place, so a crash never leaves half a model.
+Ray. After each epoch rank 0 scores the validation split (accuracy and macro-F1, entity-level F1 for
+NER, or the kind's ``train_scores``) and reports the metrics with a ``save_pretrained`` checkpoint; Ray
+keeps only the best one. The driver copies it, with the tokenizer and ``training_summary.json``, into a
+temp folder beside ``output_dir`` and renames it into place, so a crash never leaves half a model.
 
 Progress reaches the ``progress`` callback on a driver thread. Events (key ``event``):
 ``data`` (train_rows, validation_rows, labels), ``start`` (total_steps, steps_per_epoch, epochs,
@@ -52,7 +52,7 @@ from bertpipe.train.data import (
     read_labelled,
     resolve_labels,
     split_indices,
-    take,
+    subset,
 )
 from bertpipe.train.metrics import classification_metrics, entity_metrics
 
@@ -77,15 +77,14 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict[
     base_config = _load_base_config(cfg, base)
     tokenizer = _load_tokenizer(cfg, base)
     has_head, base_labels = _head_labels(base_config, cfg.task_kind)
-    labels, train, validation = _prepare_data(cfg, tokenizer, base_labels)
-    sizes = {"train_rows": len(train["labels"]), "validation_rows": len(validation["labels"])}
+    labels, sizes, train, validation = _prepare_data(cfg, tokenizer, base_labels)
     emit({"event": "data", **sizes, "labels": labels})
 
     loop_config = {
         "cfg": cfg,
         "base": base,
         "labels": labels,
-        "reinit_head": has_head and labels != base_labels,
+        "reinit_head": has_head and labels is not None and labels != base_labels,
     }
     with (
         _storage(cfg, output_dir) as storage,
@@ -120,17 +119,24 @@ def run_finetune(cfg: FinetuneConfig, progress: Progress | None = None) -> dict[
 
 
 def _prepare_data(cfg: FinetuneConfig, tokenizer, base_labels: list[str] | None):
-    """Labels plus tokenised train and validation arrays (``validation_paths`` or a seeded split)."""
+    """Labels (None for a kind without), row counts, and tokenised train and validation arrays
+    (``validation_paths`` or a seeded split of the rows, so a row's windows stay on one side)."""
     train_rows = read_labelled(cfg, cfg.data.paths, "data.paths")
-    val_rows = None
     if cfg.data.validation_paths:
         val_rows = read_labelled(cfg, cfg.data.validation_paths, "data.validation_paths")
-    labels = resolve_labels(cfg, [r for r in (train_rows, val_rows) if r is not None], base_labels)
-    train = encode(tokenizer, train_rows, labels, cfg.kind, cfg.max_length)
-    if val_rows is not None:
-        return labels, train, encode(tokenizer, val_rows, labels, cfg.kind, cfg.max_length)
-    train_index, val_index = split_indices(len(train["labels"]), cfg.validation_fraction, cfg.seed)
-    return labels, take(train, train_index), take(train, val_index)
+    else:
+        train_index, val_index = split_indices(len(train_rows.texts), cfg.validation_fraction, cfg.seed)
+        train_rows, val_rows = subset(train_rows, train_index), subset(train_rows, val_index)
+    kind = cfg.task_kind
+    labels = resolve_labels(cfg, [train_rows, val_rows], base_labels) if kind.labelled else None
+    sizes = {"train_rows": len(train_rows.texts), "validation_rows": len(val_rows.texts)}
+    arrays = [
+        encode(tokenizer, rows, labels, cfg.kind, cfg.max_length)
+        if kind.labelled
+        else kind.train_features(tokenizer, rows.texts, rows.targets, cfg.max_length, cfg.stride)
+        for rows in (train_rows, val_rows)
+    ]
+    return labels, sizes, *arrays
 
 
 def _check_output_dir(cfg: FinetuneConfig) -> Path:
@@ -239,20 +245,17 @@ def _publish(output_dir: Path, best_dir: str, tokenizer, summary: dict[str, Any]
 
 
 class _Collate:
-    """Turns a list of row indices into a batch, trimming padding to the batch's longest row."""
+    """Turns a list of row indices into a batch, trimming per-token arrays to the batch's longest row."""
 
     def __init__(self, arrays: dict[str, np.ndarray]):
         self.arrays = arrays
 
     def __call__(self, index) -> dict[str, torch.Tensor]:
         index = np.asarray(index)
-        mask = self.arrays["attention_mask"][index]
-        width = int(mask.sum(axis=1).max())
-        labels = self.arrays["labels"][index]
+        width = int(self.arrays["attention_mask"][index].sum(axis=1).max())
         batch = {
-            "input_ids": self.arrays["input_ids"][index, :width],
-            "attention_mask": mask[:, :width],
-            "labels": labels[:, :width] if labels.ndim == 2 else labels,
+            name: array[index, :width] if array.ndim == 2 else array[index]
+            for name, array in self.arrays.items()
         }
         return {name: torch.from_numpy(value.astype(np.int64)) for name, value in batch.items()}
 
@@ -286,17 +289,13 @@ def _use_bf16(dtype: str, device: torch.device) -> bool:
 def _load_model(cfg: FinetuneConfig, base: str, labels: list[str], reinit_head: bool):
     """Base weights plus a head for ``labels``; a base head trained for other labels is re-initialised."""
     auto = getattr(transformers, cfg.task_kind.auto_model)
-    extra = {} if cfg.task_kind.token_level else {"problem_type": "single_label_classification"}
     model = auto.from_pretrained(
         base,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
+        **cfg.task_kind.train_model_kwargs(labels),
         ignore_mismatched_sizes=True,
         use_safetensors=None if cfg.allow_pickle else True,
         trust_remote_code=cfg.trust_remote_code,
         dtype=torch.float32,
-        **extra,
     )
     if reinit_head:
         # Same-shaped head weights were loaded; the labels differ, so start the head afresh.
@@ -330,7 +329,7 @@ def _train_loop(context: WorkerContext, config: dict[str, Any]) -> dict[str, Any
     train, validation = context.arrays["train"], context.arrays["validation"]
     loader = context.prepare_data_loader(
         DataLoader(
-            range(len(train["labels"])),
+            range(len(train["input_ids"])),
             batch_size=cfg.batch_size,
             shuffle=True,
             collate_fn=_Collate(train),
@@ -420,7 +419,7 @@ def _evaluate(model, arrays: dict[str, np.ndarray], cfg: FinetuneConfig, labels,
     """Validation loss and scores, prefixed ``val_``; NER is scored on tokens that carry a label."""
     model.eval()
     collate = _Collate(arrays)
-    n = len(arrays["labels"])
+    n = len(arrays["input_ids"])
     size = cfg.batch_size * 2
     losses, predictions = [], []
     for start in range(0, n, size):
@@ -428,9 +427,12 @@ def _evaluate(model, arrays: dict[str, np.ndarray], cfg: FinetuneConfig, labels,
         with autocast():
             out = model(**batch)
         losses.append(out.loss.item())
-        predictions.append(out.logits.argmax(-1).cpu().numpy())
+        predictions.append(cfg.task_kind.train_predict(out))
     metrics = {"val_loss": round(float(np.mean(losses)), 5)}
-    if cfg.task_kind.token_level:
+    if not cfg.task_kind.labelled:
+        scores = cfg.task_kind.train_scores(arrays, np.concatenate(predictions))
+        metrics.update({f"val_{k}": round(v, 5) for k, v in scores.items()})
+    elif cfg.task_kind.token_level:
         truth, guess = [], []
         for chunk_start, pred in zip(range(0, n, size), predictions, strict=True):
             gold = arrays["labels"][chunk_start : chunk_start + len(pred), : pred.shape[1]]
