@@ -39,6 +39,21 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray for fine-tuning: with the state API Ray Train's monitor needs (see engine/cluster)."""
+    import ray
+
+    from bertpipe.engine.cluster import local_state_api
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, **local_state_api())
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {

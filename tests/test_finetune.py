@@ -20,7 +20,6 @@ from tiny_models import NER_LABELS, build_sequence_classifier, build_token_class
 from transformers import BertConfig, BertForSequenceClassification, pipeline
 
 from bertpipe.config import ConfigError
-from bertpipe.engine.cluster import local_state_api
 from bertpipe.tasks import KINDS
 from bertpipe.train import FinetuneConfig, load_finetune_config, run_finetune
 from bertpipe.train.data import LabelledRows, encode, read_labelled, resolve_labels, spans_to_bio
@@ -344,16 +343,6 @@ def test_entity_metrics_hand_computed():
 
 
 # ---------------------------------------------------------------- Ray Train (slow)
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, **local_state_api())
-    yield
-    if started:
-        ray.shutdown()
 
 
 def bare_encoder(tmp_path: Path) -> Path:

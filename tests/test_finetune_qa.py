@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-import ray
 from tiny_models import build_qa_model, build_sequence_classifier, tiny_tokenizer
 from transformers import BertForSequenceClassification
 
 import bertpipe
 from bertpipe.config import ConfigError
-from bertpipe.engine.cluster import local_state_api
 from bertpipe.tasks import KINDS
 from bertpipe.train import FinetuneConfig, run_finetune
 from bertpipe.train.data import read_labelled
@@ -135,16 +133,6 @@ def test_bad_rows_name_file_and_row(tmp_path, row, message):
 def test_qa_takes_no_labels(tmp_path):
     with pytest.raises(ValueError, match="qa is trained without labels"):
         qa_config(tmp_path, tmp_path / "x.jsonl", labels=["a", "b"])
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, **local_state_api())
-    yield
-    if started:
-        ray.shutdown()
 
 
 def exact_match(table, name: str, rows: list[dict]) -> float:
