@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -127,12 +128,14 @@ def run_job(config: Path) -> dict:
     out_dir = Path(yaml.safe_load(config.read_text())["output"]["path"])
     run_id = (out_dir / "_SUCCESS").read_text().split()[-1]
     summary = json.loads((out_dir / "_runs" / f"{run_id}.json").read_text())
+    committed = re.findall(r"committed in ([0-9.]+) s", err)
+    timings = {**summary.get("timings", {}), "commit_s": float(committed[-1]) if committed else None}
     return {
         "rows": summary["rows_out"],
         "files": summary["files_in"],
         "wall_s": round(time.time() - started, 1),
         "rows_per_s": round(summary["rows_out"] / (time.time() - started), 1),
-        "timings": summary.get("timings", {}),
+        "timings": timings,
         "driver_peak_rss_mib": round(peak / 2**20, 1),
         "driver_cpu_s": round(cpu, 1),
     }
