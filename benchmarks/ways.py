@@ -186,7 +186,7 @@ def job_config(corpus_shards: Path, out: Path, models: dict[str, str], max_lengt
 def run_bertpipe(
     name: str, config: dict, overrides: list[str], work: Path, timeout: float
 ) -> tuple[ChildRun, dict, dict]:
-    """``bertpipe run`` as a child; returns the run, its run summary and Ray Data's stats (the last
+    """``bertpipe run`` as a child; returns the run, its run summary and Ray Data's stats (the labelling
     execution's, see ``cli_stats``; empty if there were none)."""
     path, stats = work / f"{name}-job.yaml", work / f"{name}-raydata-stats.json"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -203,10 +203,12 @@ def run_bertpipe(
     )
     if child.returncode != 0 or not (out / "_SUCCESS").exists():
         raise RuntimeError(f"bertpipe run {name} failed (exit {child.returncode}); see {child.log}")
-    run_id = (out / "_SUCCESS").read_text().strip()
+    run_id = (out / "_SUCCESS").read_text().split()[-1]  # the last committed run
     summary = json.loads((out / "_runs" / f"{run_id}.json").read_text())
     executions = json.loads(stats.read_text()) if stats.exists() else []
-    return child, summary, executions[-1] if executions else {"dataset_s": None, "operators": []}
+    # The labelling execution is the longest; the count checks that follow it are short aggregations.
+    labelling = max(executions, key=lambda e: e["dataset_s"] or 0, default=None)
+    return child, summary, labelling or {"dataset_s": None, "operators": []}
 
 
 def read_predictions(out: Path, ids: set[str]) -> dict[str, list]:
