@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from bertpipe.cli import app
 from bertpipe.config import ConfigError, InputFormat
 from bertpipe.engine.data import ShardDatasource
-from bertpipe.io.paths import discover
+from bertpipe.io.paths import discover, filesystem_for
+from bertpipe.io.reader import JSONL_SAMPLE_BYTES, inspect_shard
 
 PARQUET_FOOTER = (
     "unreadable parquet file: Parquet magic bytes not found in footer. "
@@ -201,6 +202,36 @@ def test_corrupt_data_page_names_the_file(ray_session, tmp_path):
     assert (
         str(info.value) == f"bad input file {path}: unreadable parquet file: Corrupt snappy compressed data."
     )
+
+
+def big_jsonl(path: Path, tail: str) -> None:
+    """Rows (with blank lines among them) past the pre-flight's sample of a JSONL file, then ``tail``."""
+    lines = [json.dumps({"id": f"b{i}", "text": f"row {i}", "pad": "x" * 4096}) for i in range(2100)]
+    assert sum(map(len, lines)) > JSONL_SAMPLE_BYTES
+    path.write_text("\n".join(lines[:5]) + "\n\n  \n" + "\n".join(lines[5:]) + "\n" + tail)
+
+
+@pytest.mark.parametrize(
+    "tail, reason",
+    [
+        ('{"id": "late", "text": "t", "late": 1}\n', "column 'late' is not in the file's pre-flight sample"),
+        ('{"id": "bad", "text": \n', "unreadable jsonl file: line 2103: malformed JSON (JSONDecodeError)"),
+    ],
+)
+def test_a_big_jsonl_file_is_typed_by_its_head_and_read_in_full(ray_session, tmp_path, tail, reason):
+    """Past the sample the pre-flight check counts lines (exactly the rows Arrow's reader makes) and
+    parses only the head; what the rest hides stops the read naming the file and the fault."""
+    path = tmp_path / "big.jsonl"
+    big_jsonl(path, tail)
+    [shard] = discover([str(path)], InputFormat.auto, {})
+    report = inspect_shard(filesystem_for(str(path), {}), shard, "text")
+    assert report.problem is None and report.schema.names == ["id", "text", "pad"]
+    good = path.read_text().rsplit("\n", 2)[0] + "\n"
+    assert report.rows == pa.json.read_json(pa.py_buffer(good.encode())).num_rows + 1 == 2101
+    source = ShardDatasource([shard], pa.fs.LocalFileSystem(), "text", None, 512, schema=report.schema)
+    with pytest.raises(ConfigError) as info, pa.fs.LocalFileSystem().open_input_file(str(path)) as f:
+        list(source._read_stream(f, str(path)))
+    assert str(info.value).startswith(f"bad input file {path}: ") and reason in str(info.value)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,12 @@ shards become one dataset of Arrow blocks (a union of ``read_json`` pandas block
 Arrow blocks breaks ``map_batches``); and a text of the wrong type or not valid UTF-8 must become an
 error row instead of failing the whole block or file.
 
-The pre-flight check (``inspect_shard``) reads Parquet footers and parses JSONL and CSV files fully,
-so a malformed line, a truncated file or a schema that differs between shards is found before any
-model runs, with exact row counts for the run summary. It costs one extra read of JSONL and CSV
-inputs. A Parquet data page that is corrupt behind an intact footer is found only when the file is
-read (``_blocks``).
+The pre-flight check (``inspect_shard``) reads Parquet footers, parses CSV files and JSONL files up to
+8 MiB fully, and types a bigger JSONL file by its first 8 MiB while counting its rows as lines, so a
+malformed line, a truncated file or a schema that differs between shards is found before any model
+runs, with exact row counts for the run summary. A Parquet data page that is corrupt behind an intact
+footer, and a fault after the sample of a big JSONL file, are found only when the file is read
+(``read_shard``), and stop the run naming the file.
 
 JSON and CSV carry no types: Arrow infers them per file, and would turn ISO date strings into
 timestamps. Such columns are parsed again as strings, so that a value is never changed by inference;
@@ -200,6 +201,25 @@ def _read_whole(f, shard: Shard, text_column: str, csv: CsvOptions | None, types
     return _parse_jsonl(f.read(), text_column)
 
 
+JSONL_SAMPLE_BYTES = 8 << 20
+_JSON_LINE = re.compile(rb"^[ \t\r\f\v]*\S", re.MULTILINE)  # a line that is not blank: one row
+
+
+def _jsonl_rows_and_schema(data: bytes, text_column: str) -> tuple[int, pa.Schema]:
+    """Exact row count and the column types of a JSONL file, without parsing a big file twice.
+
+    A file up to ``JSONL_SAMPLE_BYTES`` is parsed whole, as the read stage will. A bigger one is typed
+    by its first ``JSONL_SAMPLE_BYTES`` (whole lines) and its rows are counted as non-blank lines, which
+    is what the reader makes rows of; the read stage parses it fully and stops the run naming the file
+    if a later line is malformed or has a column or type the sample did not show (Spark's JSON schema
+    sampling works the same way; ``input.schema`` declares such columns)."""
+    if len(data) <= JSONL_SAMPLE_BYTES:
+        table = _parse_jsonl(data, text_column)
+        return table.num_rows, table.schema
+    head = data[: data.rfind(b"\n", 0, JSONL_SAMPLE_BYTES) + 1] or data
+    return len(_JSON_LINE.findall(data)), _parse_jsonl(head, text_column).schema
+
+
 def with_partitions(table: pa.Table, shard: Shard) -> pa.Table:
     """The file's hive partition values as string columns, unless the file has such a column."""
     for key, value in shard.partitions:
@@ -215,6 +235,9 @@ def inspect_shard(fs, shard: Shard, text_column: str, csv: CsvOptions | None = N
             with fs.open(shard.path, "rb") as fh:
                 meta = pq.ParquetFile(fh)
                 report.rows, report.schema = meta.metadata.num_rows, meta.schema_arrow
+        elif shard.format == "jsonl":
+            with _open(fs, shard) as fh:
+                report.rows, report.schema = _jsonl_rows_and_schema(fh.read(), text_column)
         else:
             with _open(fs, shard) as fh:
                 table = _read_whole(fh, shard, text_column, csv)
@@ -367,6 +390,11 @@ def file_blocks(
     else:
         types = {f.name: f.type for f in schema if f.name != text_column} if schema is not None else None
         whole = _read_whole(f, shard, text_column, csv, types if shard.format == "csv" else None)
+        unknown = sorted(set(whole.column_names) - set(schema.names if schema else ()) - {TEXT_PROBLEM})
+        if schema is not None and unknown:
+            raise ValueError(
+                f"column {unknown[0]!r} is not in the file's pre-flight sample; declare it in input.schema"
+            )
         tables = (whole.slice(i, rows_per_block) for i in range(0, whole.num_rows, rows_per_block))
     for block in tables:
         yield conform_block(with_partitions(block, shard), schema, text_column)

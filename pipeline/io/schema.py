@@ -5,7 +5,7 @@ file, so the same column can come out int64 in one JSONL file, double in another
 No library unifies that the way a warehouse needs (pyarrow's ``unify_schemas`` refuses string against
 date, and DuckDB's ``union_by_name`` widens conflicts to VARCHAR silently), so the rules are here:
 
-- ``input.schema`` types a column explicitly: every file is cast to it.
+- ``input.schema`` types a column explicitly: every file is cast to it (a file without it has nulls).
 - Otherwise Parquet files give a column's type; JSON and CSV values are read as that type.
 - Integers and floats widen to float64 (narrower ints to the wider int), whichever file has which.
 - A column that is null in one file (all-null JSON, an empty CSV column) takes the others' type.
@@ -103,6 +103,8 @@ def unify(config: InputConfig, reports: list[ShardReport], table: pa.Schema | No
                 continue
             order.setdefault(f.name)
             types.setdefault(f.name, []).append((report, normal(f.type)))
+    for name in declared.keys() - {text}:
+        order.setdefault(name)  # declared but in no file (or beyond a big JSONL file's sample)
     out = Unified()
     fields = []
     for name in order:
