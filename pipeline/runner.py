@@ -114,6 +114,7 @@ class ParquetTarget:
         self.location = OutputLocation.from_url(config.output.path, config.output.storage_options)
         commit = config.output.commit
         self.in_place = commit == "manifest" or (commit == "auto" and self.location.object_store)
+        self.listing: list[str] = []  # the data files found after the write: counted, then committed
         self.intent: Intent | None = None
         self.ledger: Ledger | None = None
         self.lock: OutputLock | None = None
@@ -188,7 +189,7 @@ class ParquetTarget:
         location = self.location
         folder = location.path if self.in_place else location.staging
         write_staged_parquet(build, location, self.config.output.partition_by, folder, run_prefix(run_id))
-        files = data_files(location.fs, folder)
+        files = self.listing = data_files(location.fs, folder)
         if self.in_place:  # the output may hold other runs' files
             files = [f for f in files if f.rsplit("/", 1)[-1].startswith(run_prefix(run_id))]
         stats = staged_stats(location.fs, files, p.id_column, p.derive_id is not None, p.rows_in)
@@ -205,7 +206,7 @@ class ParquetTarget:
         before_success = record_ledger if ledger else None
         if self.in_place:
             # The intent goes last: a run killed during this commit is finished by ``resume``.
-            publish_in_place(location, mode, run_id, summary, before_success)
+            publish_in_place(location, mode, run_id, summary, self.listing, before_success)
             location.fs.rm(location.staging, recursive=True)
         else:
             Intent.remove(location)

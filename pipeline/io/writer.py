@@ -182,17 +182,18 @@ def publish_in_place(
     mode: str,
     run_id: str,
     summary: dict[str, Any],
+    files: list[str],
     before_success: Callable[[], None] | None = None,
 ) -> list[str]:
     """Commit the files a run wrote under their final names: its manifest (``_runs/<run>.json`` with the
     list of its files), then ``_SUCCESS`` naming the runs that make up the output, then the files of
     runs that no longer belong to it (the previous output of an overwrite, the leftovers of runs that
-    died before their commit) are deleted in batches. The object-store calls are a constant number
-    beyond the listing and the batched deletes, whatever the number of files or bytes; no file is copied.
-    Until ``_SUCCESS`` is written, a reader that follows it sees the previous output. Returns the paths
-    of the run's files."""
+    died before their commit) are deleted in batches. ``files`` is the listing of the output's data
+    files made after the run's write (the count step reads the run's files from it too), so the commit
+    itself makes a constant number of object-store calls beyond the batched deletes, whatever the
+    number of files or bytes; no file is copied. Until ``_SUCCESS`` is written, a reader that follows
+    it sees the previous output. Returns the paths of the run's files."""
     fs = location.fs
-    files = data_files(fs, location.path)
     ours = [f for f in files if posixpath.basename(f).startswith(run_prefix(run_id))]
     others = [f for f in files if not posixpath.basename(f).startswith(run_prefix(run_id))]
     if mode == "error" and others:
