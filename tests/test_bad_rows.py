@@ -310,3 +310,36 @@ def test_categorical_text_column_is_text():
     assert out.column("text").type == pa.string()
     assert out.column("text").to_pylist() == ["a text", None, "a text", "another"]
     assert out.column(C.ERROR).to_pylist() == [None] * 4
+
+
+def test_counts_in_the_driver_equal_the_distributed_counts(ray_session, tmp_path):
+    """Small outputs are counted in the driver, big ones by Ray Data aggregations: the same figures for
+    staged files with repeated keys and ids, null ids and error rows (Python's Counter is the reference)."""
+    import fsspec
+
+    from bertpipe.engine.data import SMALL_OUTPUT_ROWS, staged_stats
+
+    rows = [
+        {
+            C.ROW_KEY: f"k{i % 170}",
+            "id": None if i % 11 == 0 else f"i{i % 130}",
+            C.ERROR: [None, "x", "y"][i % 3],
+        }
+        for i in range(200)
+    ]
+    files = []
+    for part in range(4):
+        files.append(str(tmp_path / f"part-{part}.parquet"))
+        pq.write_table(pa.Table.from_pylist(rows[part::4]), files[-1])
+    ids = [r["id"] for r in rows if r["id"] is not None]
+    expected = (200, 170, dict(Counter(r[C.ERROR] for r in rows if r[C.ERROR])), 4, len(ids) - len(set(ids)))
+    fs = fsspec.filesystem("file")
+    for hint in (len(rows), SMALL_OUTPUT_ROWS + 1):
+        stats = staged_stats(fs, files, "id", False, rows_hint=hint)
+        assert (
+            stats.rows,
+            stats.distinct_keys,
+            stats.errors_by_reason,
+            stats.files,
+            stats.duplicate_ids,
+        ) == expected
