@@ -72,8 +72,9 @@ class SpanAssembler:
     def __init__(self, tokenizer, id2label: dict[int, str], strategy: Aggregation):
         self.strategy = strategy
         backend = tokenizer._tokenizer
-        self.vocab = tokenizer.convert_ids_to_tokens(
-            list(range(backend.get_vocab_size(with_added_tokens=True)))
+        self.vocab = np.array(
+            tokenizer.convert_ids_to_tokens(list(range(backend.get_vocab_size(with_added_tokens=True)))),
+            object,
         )
         self.token_len = np.array([len(t) if t is not None else -1 for t in self.vocab], np.int64)
         self.unk_id = -1 if tokenizer.unk_token_id is None else tokenizer.unk_token_id
@@ -153,23 +154,17 @@ class SpanAssembler:
             group_first, group_last, names = group_first[entity], group_last[entity], names[entity]
             group_score = group_score[entity]
 
-        token_text = self._token_text(texts, window_row[window], ids, starts, ends, unknown)
+        tokens = self._tokens(texts, window_row[window], ids, starts, ends, unknown)
         words = []
         for first, last in zip(unit_first[group_first].tolist(), unit_last[group_last].tolist(), strict=True):
             if self.strategy == Aggregation.none:
-                words.append(token_text(first))
+                words.append(tokens[first])
             elif self.strategy == Aggregation.simple:
-                words.append(self.join(tuple(token_text(t) for t in range(first, last + 1))))
-            else:
+                words.append(self.join(tuple(tokens[first : last + 1])))
+            else:  # HF joins the words it joined from their tokens
                 lo, hi = np.searchsorted(unit_first, [first, last + 1]).tolist()
-                words.append(
-                    self.join(
-                        tuple(
-                            self.join(tuple(token_text(t) for t in range(unit_first[u], unit_last[u] + 1)))
-                            for u in range(lo, hi)
-                        )
-                    )
-                )
+                bounds = zip(unit_first[lo:hi].tolist(), unit_last[lo:hi].tolist(), strict=True)
+                words.append(self.join(tuple(self.join(tuple(tokens[f : t + 1])) for f, t in bounds)))
         spans = Spans(
             window_row[window[unit_first[group_first]]],
             names,
@@ -198,16 +193,12 @@ class SpanAssembler:
 
         return (starts > 0) & ~space_at(starts - 1) & ~space_at(starts)
 
-    def _token_text(self, texts, token_row, ids, starts, ends, unknown):
-        """The word HF gives token ``t``: its vocabulary entry, or its text where it is the unknown token."""
-        vocab = self.vocab
-
-        def text(t: int) -> str:
-            if unknown[t]:
-                return texts[token_row[t]][starts[t] : ends[t]]
-            return vocab[ids[t]]
-
-        return text
+    def _tokens(self, texts, token_row, ids, starts, ends, unknown) -> list[str]:
+        """The word HF gives each token: its vocabulary entry, or its text where it is the unknown token."""
+        tokens = self.vocab[ids].tolist()
+        for t in np.flatnonzero(unknown).tolist():
+            tokens[t] = texts[token_row[t]][starts[t] : ends[t]]
+        return tokens
 
 
 @dataclass
