@@ -98,8 +98,8 @@ class SpanAssembler:
         logits: np.ndarray,
         window_tokens: np.ndarray,
         row_windows: np.ndarray,
-    ) -> list[tuple]:
-        """Entities of every row as ``(entity_group, word, start, end, score)`` tuples.
+    ) -> Spans:
+        """The entities of every row, in row order and, within a row, in HF's order.
 
         ``ids``, ``offsets`` (tokens x 2), ``special`` and ``logits`` (tokens x labels) hold the tokens of
         every window one after another; window ``w`` is ``window_tokens[w]:window_tokens[w + 1]``, and the
