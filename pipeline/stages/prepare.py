@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from itertools import chain
 
 import numpy as np
 import pyarrow as pa
@@ -44,12 +45,22 @@ def text_problem(text: object, max_chars: int | None) -> str | None:
     return None
 
 
-def _windows(lists: list[list[int]], rows: np.ndarray, n_rows: int, value_type: pa.DataType) -> pa.Array:
-    """Regroup per-window lists into one list of windows per row (rows without windows get [])."""
+def _windows(lists: list, rows: np.ndarray, n_rows: int, dtype: type, pairs: bool = False) -> pa.ListArray:
+    """Regroup per-window lists into one list of windows per row (rows without windows get []).
+
+    Built from flat numpy buffers rather than nested Python lists (about 6x cheaper per row); ``pairs``
+    flattens lists of (start, end) offsets."""
     counts = np.bincount(rows, minlength=n_rows) if len(rows) else np.zeros(n_rows, np.int64)
-    outer = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-    inner = pa.array(lists, pa.list_(value_type))
-    return pa.ListArray.from_arrays(pa.array(outer, pa.int32()), inner)
+    outer = np.zeros(n_rows + 1, np.int32)
+    np.cumsum(counts, out=outer[1:])
+    width = 2 if pairs else 1
+    inner = np.zeros(len(lists) + 1, np.int32)
+    np.cumsum(np.fromiter(map(len, lists), np.int32, len(lists)) * width, out=inner[1:])
+    items = chain.from_iterable(lists)
+    values = np.fromiter(chain.from_iterable(items) if pairs else items, dtype, int(inner[-1]))
+    return pa.ListArray.from_arrays(
+        pa.array(outer), pa.ListArray.from_arrays(pa.array(inner), pa.array(values))
+    )
 
 
 class PrepareStage:
@@ -167,19 +178,18 @@ class PrepareStage:
             for sub_row, reason in failures.items():
                 errors[good[sub_row]] = errors[good[sub_row]] or reason
             rows = np.asarray([good[r] for r in sub_rows], dtype=np.int64)
-            new_columns[C.token_ids(group.key)] = _windows(enc["input_ids"], rows, n_rows, pa.int32())
+            new_columns[C.token_ids(group.key)] = _windows(enc["input_ids"], rows, n_rows, np.int32)
             if group.offsets:
-                flat_offsets = [np.asarray(o, np.int32).reshape(-1).tolist() for o in enc["offset_mapping"]]
-                new_columns[C.token_offsets(group.key)] = _windows(flat_offsets, rows, n_rows, pa.int32())
+                new_columns[C.token_offsets(group.key)] = _windows(
+                    enc["offset_mapping"], rows, n_rows, np.int32, pairs=True
+                )
                 new_columns[C.special_mask(group.key)] = _windows(
-                    enc["special_tokens_mask"], rows, n_rows, pa.int8()
+                    enc["special_tokens_mask"], rows, n_rows, np.int8
                 )
             if enc.get("token_type_ids"):
-                new_columns[C.token_types(group.key)] = _windows(
-                    enc["token_type_ids"], rows, n_rows, pa.int8()
-                )
+                new_columns[C.token_types(group.key)] = _windows(enc["token_type_ids"], rows, n_rows, np.int8)
             if enc.get("word_ids"):
-                new_columns[C.word_ids(group.key)] = _windows(enc["word_ids"], rows, n_rows, pa.int32())
+                new_columns[C.word_ids(group.key)] = _windows(enc["word_ids"], rows, n_rows, np.int32)
         if any(errors[i] is not None for i in good):
             # A row that failed in one group must not be labelled by another: clear its windows.
             failed = pa.array([e is not None for e in errors])
