@@ -2,11 +2,12 @@
 
     python examples/evaluate_demo_models.py [--models .bertpipe/models] [--json out.json]
 
-Sentiment: accuracy on four sets (A, B, C: positive/negative reviews; D: positive, negative and neutral
-reviews and factual sentences, written after the demo's hand-written training text), and on all of them
-together. NER: entity-level precision, recall and F1 on two sets, where an entity counts when its type,
-start and end match exactly, with the word-level aggregation the demo uses (``first``). Uses
-``transformers.pipeline`` directly, so the figures don't depend on bertpipe's own batching.
+Sentiment: accuracy on five sets (A, B, C: positive/negative reviews; D and E: positive, negative and
+neutral reviews and factual sentences, each written after the demo's hand-written training text of its
+time), and on all of them together. NER: entity-level precision, recall and F1 on two sets, where an
+entity counts when its type, start and end match exactly, with the word-level aggregation the demo uses
+(``first``). Uses ``transformers.pipeline`` directly, so the figures don't depend on bertpipe's own
+batching.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ SENTIMENT_SETS = {
     "B": "heldout_sentiment_b.jsonl",
     "C": "heldout_sentiment_c.jsonl",
     "D": "heldout_sentiment_d.jsonl",
+    "E": "heldout_sentiment_e.jsonl",
 }
 NER_SETS = {"A": "heldout_ner.jsonl", "B": "heldout_ner_b.jsonl"}
 GOALS = {"sentiment": ("accuracy", 0.90), "ner": ("f1", 0.85)}

@@ -180,6 +180,7 @@ def sentiment_trained() -> set[str]:
         ("heldout_sentiment_b.jsonl", 50, 3, SENTIMENT_LABELS),
         ("heldout_sentiment_c.jsonl", 60, 3, SENTIMENT_LABELS),
         ("heldout_sentiment_d.jsonl", 100, 10, DEMO_SENTIMENT_LABELS),
+        ("heldout_sentiment_e.jsonl", 100, 10, DEMO_SENTIMENT_LABELS),
     ],
 )
 def test_heldout_sentiment_files(sentiment_trained, name, size, hard_cases, labels):
@@ -233,6 +234,10 @@ def test_handwritten_ner_rows():
     assert len(datelines) >= 10
     for row in datelines:  # the dateline's city is an entity of its own, right after the headline
         assert any(e["start"] == row["text"].index("\n") + 1 for e in row["entities"]), row
+    # Headlines that end in a name right before the dateline ("... at Siemens\nMUNICH"), in both the
+    # agency ("MUNICH (Reuters) - ") and the dash ("LONDON — ", "WOLFSBURG, Germany — ") forms.
+    ending = [r for r in datelines if any(e["end"] == r["text"].index("\n") for e in r["entities"])]
+    assert len(ending) >= 40 and sum(" — " in r["text"] for r in ending) >= 20
 
 
 def test_training_mixes_keep_every_handwritten_row():
