@@ -137,7 +137,12 @@ WARM_UP_SHAPES = ((2, 16), (1, 24))  # rows x tokens: any batch shape, then a ba
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile`` (inductor) with dynamic shapes, so batches of any rows x tokens share one graph,
     and freezing, which folds the weights into the graph as constants (inference only)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_cache_dir()))
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Importing transformers already sets the variable to inductor's default; a user's own value stays.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
     torch._inductor.config.freezing = True
     torch._inductor.config.fx_graph_cache = True
     return torch.compile(model, dynamic=True)
