@@ -111,7 +111,7 @@ def estimate(p: Plan, device: str = "cpu", limit: int = 128) -> Estimate:
         tokens[mt.task.name] = round(sum(len(x) for row in per_row for x in row) * scale)
     quiet = copy.deepcopy(rt)
     quiet.precision_check_rows = 0
-    stage = InferStage(p.model_tasks, quiet, device)
+    stage = InferStage(p.model_tasks, quiet, device, compiled=False)  # eager: validate stays quick
     stage(prepared.slice(0, min(8, prepared.num_rows)))  # warm-up: first calls allocate
     started = time.perf_counter()
     stage(prepared)
