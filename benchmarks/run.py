@@ -1,4 +1,5 @@
-"""Benchmark bertpipe (C) against HF ``pipeline()`` (A) and the canonical Ray Data pattern (B).
+"""Benchmark bertpipe (C) against HF ``pipeline()`` in fp32 (A) and bf16 (A2) and the canonical Ray Data
+pattern (B), and time a small job's start-up.
 
     python benchmarks/run.py [--rows 20000] [--sample 2000] [--scale10] [--models DIR] [--set KEY=VALUE]
 
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample", type=int, default=2000, help="random sample rows for A, B and agreement")
     p.add_argument("--scale10", action="store_true", help="also run C on 10x the rows (memory flatness)")
     p.add_argument("--models", type=Path, help="folder with fine-tuned sentiment/ and ner/ models")
-    p.add_argument("--ways", default="A,B,C", help="subset to run, e.g. A,C (default A,B,C)")
+    p.add_argument("--ways", default="A,A2,B,C", help="subset to run, e.g. A,C (default A,A2,B,C)")
+    p.add_argument("--startup-rows", type=int, default=100, help="rows of the start-up job (0: skip it)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="bertpipe --set for C")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=RESULTS / "work", help="corpus, models, outputs, logs")
@@ -68,8 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds allowed per way")
     args = p.parse_args(argv)
     args.ways = {w.strip().upper() for w in args.ways.split(",") if w.strip()}
-    if not args.ways <= {"A", "B", "C"} or (args.scale10 and "C" not in args.ways):
-        p.error("--ways takes A, B and C; --scale10 needs C")
+    if not args.ways <= {"A", "A2", "B", "C"} or (args.scale10 and "C" not in args.ways):
+        p.error("--ways takes A, A2, B and C; --scale10 needs C")
     if not 0 < args.sample <= args.rows:
         p.error("--sample must be between 1 and --rows")
     return args
@@ -87,6 +89,7 @@ def machine() -> dict:
         "cpu": model or platform.processor(),
         "cores": os.cpu_count(),
         "bf16_isa": [f for f in ("amx_bf16", "avx512_bf16") if f in flags],
+        "isa": [f for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2") if f" {f}" in flags],
         "memory_gib": round(M.psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -186,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "fp32_flop_per_s": M.gemm_flops_per_s("float32", args.gemm_n),
         "model_ffn_mkn": ffn,
         "bf16_model_ffn_flop_per_s": M.gemm_flops_per_s("bfloat16", mkn=ffn),
+        **model_gemm(wl.shapes["ner"], budget_tokens(args.overrides)),
     }
 
     spec = {
@@ -196,12 +200,12 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
     }
     ways, predictions = {}, {}
-    for way in ("A", "B"):
+    for way in ("A", "A2", "B"):
         if way not in args.ways:
             continue
         print(f"way {way} on {args.sample} rows ...", flush=True)
         child, result = run_hf_way(way.lower(), spec, args.work, args.timeout)
-        padded = padded_hf(sample_w, args.sample if way == "A" else B_ROWS_PER_CALL)
+        padded = padded_hf(sample_w, B_ROWS_PER_CALL if way == "B" else args.sample)
         ways[way] = {
             **figures(wl, sample_w, child.wall_s, padded),
             "in_process": result["timings"],
@@ -235,13 +239,22 @@ def main(argv: list[str] | None = None) -> int:
         if name == "C":
             predictions["C"] = read_predictions(out, set(sample_ids))
 
+    startup = None
+    if args.startup_rows and "C" in args.ways:
+        startup = run_startup(args, corpus, table, spec)
+
     gemm["bf16_flop_per_s_after"] = M.gemm_flops_per_s("bfloat16", args.gemm_n)
     ceiling = max(gemm["bf16_flop_per_s"], gemm["bf16_flop_per_s_after"])  # load only ever lowers it
     for f in ways.values():
         f["gemm_share"] = f["useful_flop_per_s"] / ceiling
+        for dtype in ("bf16", "fp32"):
+            f[f"model_gemm_share_{dtype}"] = f["useful_flop_per_s"] / gemm[f"{dtype}_model_flop_per_s"]
         model = [op for op in f.get("time", {}).get("operators", []) if op["stage"] == "model"]
         if model and model[0]["wall_s"]:
             f["model_stage_gemm_share"] = f["useful_flop"] / model[0]["wall_s"] / ceiling
+            f["model_stage_model_gemm_share_bf16"] = (
+                f["useful_flop"] / model[0]["wall_s"] / gemm["bf16_model_flop_per_s"]
+            )
     report = {
         "machine": machine(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
@@ -254,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "gemm": gemm,
         "flops_formula": M.FLOPS_FORMULA,
         "ways": ways,
+        "startup": startup,
         "comparison": compare(ways, predictions, sample_ids),
     }
     report["goals"] = goals(report)
@@ -262,6 +276,51 @@ def main(argv: list[str] | None = None) -> int:
     print_report(report)
     print(f"\nwritten: {args.out}")
     return 0
+
+
+def budget_tokens(overrides: list[str]) -> int:
+    """C's token budget per forward pass: ``--set runtime.max_tokens_per_batch=N`` or the default."""
+    from bertpipe.config import RuntimeConfig
+
+    given = [o.split("=", 1)[1] for o in overrides if o.startswith("runtime.max_tokens_per_batch=")]
+    return int(given[-1]) if given else RuntimeConfig().max_tokens_per_batch
+
+
+def model_gemm(shape: M.Shape, tokens: int) -> dict:
+    """The ceiling of the model's own shapes: the GEMMs of one encoder layer on a full token budget
+    (tokens x hidden x hidden four times, tokens x hidden x intermediate and back once each), timed in
+    bf16 and fp32; their FLOP-weighted rate is what the model stage could reach if only its GEMMs ran."""
+    h, i = shape.hidden, shape.intermediate
+    parts = [((tokens, h, h), 4), ((tokens, h, i), 1), ((tokens, i, h), 1)]
+    out = {"model_gemm_shapes": [list(mkn) for mkn, _ in parts]}
+    for dtype, name in (("bf16", "bfloat16"), ("fp32", "float32")):
+        flops = seconds = 0.0
+        for mkn, count in parts:
+            f = 2 * mkn[0] * mkn[1] * mkn[2] * count
+            flops += f
+            seconds += f / M.gemm_flops_per_s(name, mkn=mkn)
+        out[f"{dtype}_model_flop_per_s"] = flops / seconds
+    return out
+
+
+def run_startup(args: argparse.Namespace, corpus: Corpus, table: pa.Table, spec: dict) -> dict:
+    """A small job end to end (``bertpipe run`` on ``--startup-rows`` rows: its time to the first written
+    file and its whole time) against its floor: ``import bertpipe`` and the models' forward passes."""
+    rows = args.startup_rows
+    small = corpus.write_sample(args.work / "startup", table, np.arange(min(rows, table.num_rows)))
+    out = args.work / "startup-out"
+    print(f"start-up: bertpipe run on {rows} rows, and its floor ...", flush=True)
+    config = job_config(small, out, spec["models"], spec["max_length"], spec["stride"])
+    child, summary, _ = run_bertpipe("startup", config, args.overrides, args.work, args.timeout)
+    floor, result = run_hf_way("floor", {**spec, "sample": str(small)}, args.work, args.timeout)
+    return {
+        "rows": summary["rows_out"],
+        "first_file_s": child.first_file_s,
+        "end_to_end_s": child.wall_s,
+        "floor_s": floor.wall_s,
+        "floor_import_s": result["timings"]["import_s"],
+        "end_to_end / floor": child.wall_s / floor.wall_s,
+    }
 
 
 def workload_info(wl: M.Workload, corpus: Corpus, sample_w: M.Windows, models: dict[str, Path]) -> dict:
@@ -293,7 +352,7 @@ def compare(ways: dict, predictions: dict, sample_ids: list[str]) -> dict:
         for way in ("B", "C"):
             if way in predictions:
                 out[f"{way}_vs_A"] = M.compare_predictions(predictions[way], ref, sample_ids)
-    for way in ("A", "B"):
+    for way in ("A", "A2", "B"):
         if way in ways and "C" in ways:
             out[f"C/{way} rows_per_s"] = ways["C"]["rows_per_s"] / ways[way]["rows_per_s"]
             in_process = ways[way]["rows"] / ways[way]["in_process"]["in_process_s"]
@@ -341,6 +400,8 @@ def print_report(report: dict) -> None:
         "padding waste",
         "GFLOP/s",
         "of bf16 GEMM",
+        "of model-shape bf16 GEMM",
+        "of model-shape fp32 GEMM",
         "peak PSS MiB",
         "peak RSS MiB",
     ):
@@ -355,6 +416,8 @@ def print_report(report: dict) -> None:
             f"{f['padding_waste']:.1%}",
             f"{f['useful_flop_per_s'] / 1e9:.1f}",
             f"{f['gemm_share']:.1%}",
+            f"{f['model_gemm_share_bf16']:.1%}",
+            f"{f['model_gemm_share_fp32']:.1%}",
             f"{f['memory']['peak_pss_mib']:.0f}",
             f"{f['memory']['peak_rss_mib']:.0f}",
         )
@@ -364,7 +427,10 @@ def print_report(report: dict) -> None:
         f"bf16 GEMM {gemm['bf16_flop_per_s'] / 1e9:.0f} GFLOP/s "
         f"(after the ways: {gemm['bf16_flop_per_s_after'] / 1e9:.0f}), "
         f"fp32 GEMM {gemm['fp32_flop_per_s'] / 1e9:.0f} GFLOP/s, bf16 GEMM of the model's FFN shape "
-        f"{gemm['bf16_model_ffn_flop_per_s'] / 1e9:.0f} GFLOP/s; load average before "
+        f"{gemm['bf16_model_ffn_flop_per_s'] / 1e9:.0f} GFLOP/s; model-shape GEMMs (one layer on a "
+        f"token budget) bf16 {gemm['bf16_model_flop_per_s'] / 1e9:.0f}, fp32 "
+        f"{gemm['fp32_model_flop_per_s'] / 1e9:.0f} GFLOP/s; ISA {' '.join(report['machine']['isa'])}; "
+        f"load average before "
         f"{report['load_average']['before'][0]:.1f}, after {report['load_average']['after'][0]:.1f}"
     )
     if "C" in report["ways"]:
@@ -390,6 +456,18 @@ def print_report(report: dict) -> None:
                 f"C's model stage alone (useful FLOPs / its task time): "
                 f"{report['ways']['C']['model_stage_gemm_share']:.1%} of the all-core bf16 GEMM"
             )
+    if report["startup"]:
+        s = report["startup"]
+        first = "-" if s["first_file_s"] is None else f"{s['first_file_s']:.1f} s"
+        console.print(
+            f"start-up: {s['rows']}-row job end to end {s['end_to_end_s']:.1f} s (first file written at "
+            f"{first}); floor (import bertpipe {s['floor_import_s']:.1f} s + the models' forward passes) "
+            f"{s['floor_s']:.1f} s; ratio {s['end_to_end / floor']:.2f}"
+        )
+    comp = report["comparison"]
+    for way in ("A", "A2"):
+        if f"C/{way} rows_per_s" in comp:
+            console.print(f"C/{way} rows/s: {comp[f'C/{way} rows_per_s']:.2f}")
     goal_table = Table(title="goals", title_justify="left")
     for column in ("goal", "value", "target", "met"):
         goal_table.add_column(column, justify="right")

@@ -28,6 +28,7 @@ from bertpipe.config import (
     format_validation_error,
     load_config,
 )
+from bertpipe.estimate import compile_decision, text_tokens
 from bertpipe.io.reader import text_as_string
 from bertpipe.plan import ModelPlan, plan_models
 from bertpipe.progress import Progress
@@ -99,7 +100,9 @@ def label(
         ds = data.map_batches(
             TextColumn(text_column, id_column, models), batch_format="pyarrow", batch_size=None, num_cpus=0.25
         )
-        return label_stages(ds, models, rt, TEXT, None, device)
+        compiled, reason = compile_decision(rt.compile, None)
+        log.info("%s", reason)
+        return label_stages(ds, models, rt, TEXT, None, device, compiled=compiled)
 
     columns = _columns(data)
     TextColumn(text_column, id_column, models).check(columns)
@@ -117,7 +120,13 @@ def label(
     )
     if rows.num_rows:
         blocks = [rows.slice(i, rt.rows_per_block) for i in range(0, rows.num_rows, rt.rows_per_block)]
-        labelled = collect(label_stages(from_arrow(blocks), models, rt, TEXT, None, device))
+        windows = [not mt.first_window_only for mt in models.model_tasks]
+        tokens = sum(text_tokens(rows.column(TEXT), rt.max_length, w) for w in windows) // len(windows)
+        compiled, reason = compile_decision(rt.compile, tokens)
+        log.info("%s", reason)
+        labelled = collect(
+            label_stages(from_arrow(blocks), models, rt, TEXT, None, device, compiled=compiled)
+        )
         labelled = labelled.sort_by(ROW).drop_columns([ROW, *models.input_columns()])
     else:
         fields = [pa.field(C.ERROR, pa.string()), *models.output_fields()]

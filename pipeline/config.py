@@ -195,6 +195,8 @@ class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantize: Literal["none", "int8"] = "none"
+    # torch.compile the models in each actor: ``auto`` when the job's tokens pay back the compile
+    compile: Literal["auto", "on", "off"] = "auto"
     actors: int | tuple[int, int] = 1
     gpus_per_actor: float = Field(default=1, gt=0)
     cpus_per_actor: float = Field(default=1, gt=0)
@@ -205,6 +207,12 @@ class RuntimeConfig(_Strict):
     max_rows_per_batch: int = Field(default=256, ge=1)
     rows_per_block: int = Field(default=512, ge=1)
     precision_check_rows: int = Field(default=16, ge=0)
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        """YAML 1.1 reads a bare ``on`` / ``off`` as a boolean."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("actors")
     @classmethod

@@ -358,10 +358,11 @@ def execute(
     else:
         inspect = inspect_locally(config)
     p = target.select(plan(config, inspect))
-    timings = {"preflight_s": time.time() - started}
     if not p.shards:
         log.info("incremental: no new or changed input files; nothing written")
         return nothing_to_do(run_id)
+    compiled = decide_compile(p)
+    timings = {"preflight_s": time.time() - started}
     with target.writing(run_id, started):
         connect(
             config.runtime.address, local_cpus=config.runtime.local_cpus, local_gpus=config.runtime.local_gpus
@@ -372,7 +373,7 @@ def execute(
         try:
             with unwrapped_config_errors(), feed.watching(on_progress):
                 writing_since = time.time()
-                stats = target.write(lambda: build_dataset(p, device, feed.report), p, run_id)
+                stats = target.write(lambda: build_dataset(p, device, feed.report, compiled), p, run_id)
                 timings["write_and_count_s"] = time.time() - writing_since
             task_counts = feed.snapshot().task_counts()
         finally:
@@ -385,6 +386,17 @@ def execute(
         # Not in the summary: the summary is written by the commit it would time.
         log.info("committed in %.3f s", time.time() - committing_since)
     return summary
+
+
+def decide_compile(p: Plan) -> bool:
+    """``runtime.compile``, with ``auto`` decided from the pre-flight row count and the first rows' text
+    lengths; the reason goes to the log."""
+    from bertpipe.estimate import compile_decision, preflight_tokens
+
+    setting = p.config.runtime.compile
+    compiled, reason = compile_decision(setting, preflight_tokens(p) if setting == "auto" else None)
+    log.info("%s", reason)
+    return compiled
 
 
 @contextmanager

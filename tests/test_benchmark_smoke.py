@@ -31,18 +31,19 @@ def test_benchmark_tiny(tmp_path):
     out = tmp_path / "latest.json"
     command = [sys.executable, "benchmarks/run.py", "--rows", "40", "--sample", "12", "--gemm-n", "256"]
     command += ["--models", str(models), "--work", str(tmp_path / "work"), "--out", str(out)]
-    command += ["--set", "runtime.dtype=float32", "--timeout", "240"]
+    command += ["--set", "runtime.dtype=float32", "--timeout", "240", "--startup-rows", "10"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
 
     ways = report["ways"]
-    assert [ways[w]["rows"] for w in "ABC"] == [12, 12, 40]
+    assert [ways[w]["rows"] for w in ("A", "A2", "B", "C")] == [12, 12, 12, 40]
     assert ways["C"]["rows_error"] == 0
     for f in ways.values():
         assert f["rows_per_s"] > 0 and f["tokens"] > f["rows"] and f["padding_waste"] >= 0
         assert f["gemm_share"] > 0 and f["memory"]["peak_pss_mib"] > 0
+        assert f["model_gemm_share_fp32"] > 0 and f["model_gemm_share_bf16"] > 0
     assert ways["A"]["tokens"] == ways["B"]["tokens"]
     assert ways["C"]["memory"]["processes"] > 3, "Ray's processes belong to C's tree"
     stages = {part for op in ways["C"]["time"]["operators"] for part in op["stage"].split("+")}
@@ -55,3 +56,8 @@ def test_benchmark_tiny(tmp_path):
     assert comparison["C_vs_A"]["ner"]["entities_ref"] > 0
     assert 0 < comparison["sample_positive_share_A"] < 1
     assert report["goals"]["C/A rows/s"]["value"] == pytest.approx(comparison["C/A rows_per_s"])
+    assert comparison["C/A2 rows_per_s"] > 0
+    startup = report["startup"]
+    assert startup["rows"] == 10 and 0 < startup["first_file_s"] < startup["end_to_end_s"]
+    assert 0 < startup["floor_import_s"] < startup["floor_s"]
+    assert report["gemm"]["fp32_model_flop_per_s"] > 0 and "avx2" in report["machine"]["isa"]

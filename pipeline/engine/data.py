@@ -164,11 +164,13 @@ def label_stages(
     max_chars: int | None,
     device: str,
     report: Callable[[dict], None] | None = None,
+    compiled: bool | None = None,
 ) -> Dataset:
     """prepare (CPU actors) -> infer (model actors, GPUs when ``device`` is cuda) -> postprocess.
 
     ``ds`` holds ``text_column`` and ``_error``; the result holds every column of ``ds`` plus the task
-    outputs. Shared by ``run`` (after the datasource) and ``label`` (after the user's dataset)."""
+    outputs. Shared by ``run`` (after the datasource) and ``label`` (after the user's dataset).
+    ``compiled``: whether the model actors compile (None: ``runtime.compile`` is on)."""
     ds = ds.map_batches(
         PrepareStage,
         fn_constructor_kwargs=dict(
@@ -192,6 +194,7 @@ def label_stages(
             runtime=runtime,
             device=device,
             worker_resources=assigned_resources,
+            compiled=compiled,
         ),
         batch_format="pyarrow",
         batch_size=runtime.rows_per_block,  # rows per call; the stage cuts them into token-budget batches
@@ -209,7 +212,9 @@ def label_stages(
     )
 
 
-def build_dataset(p: Plan, device: str, report: Callable[[dict], None] | None = None) -> Dataset:
+def build_dataset(
+    p: Plan, device: str, report: Callable[[dict], None] | None = None, compiled: bool | None = None
+) -> Dataset:
     """The lazy Ray Data plan of a job: read -> prepare -> infer -> postprocess (-> partition sanitiser)."""
     cfg, rt = p.config, p.config.runtime
     key = (p.key_column, p.key_prefix) if p.key_column else None
@@ -227,7 +232,7 @@ def build_dataset(p: Plan, device: str, report: Callable[[dict], None] | None = 
             shards, fs, cfg.input.text_column, p.derive_id, rt.rows_per_block, p.schema, cfg.input.csv, key
         )
         ds = ray.data.read_datasource(source, num_cpus=0.25)
-    ds = label_stages(ds, p.models, rt, cfg.input.text_column, cfg.input.max_chars, device, report)
+    ds = label_stages(ds, p.models, rt, cfg.input.text_column, cfg.input.max_chars, device, report, compiled)
     if cfg.output.partition_by:
         ds = ds.map_batches(
             PartitionSanitiser(cfg.output.partition_by),

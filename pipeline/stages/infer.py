@@ -13,7 +13,9 @@ import ctypes
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -122,11 +124,36 @@ def default_threads(runtime: RuntimeConfig) -> int:
     return max(1, (os.cpu_count() or 1) // pool)
 
 
+def inductor_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs: under the user's cache, so that a second run on the machine
+    loads them instead of compiling (inductor's default is a folder in /tmp)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bertpipe" / "inductor"
+
+
+WARM_UP_SHAPES = ((2, 16), (1, 24))  # rows x tokens: any batch shape, then a batch of one row
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` (inductor) with dynamic shapes, so batches of any rows x tokens share one graph,
+    and freezing, which folds the weights into the graph as constants (inference only)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Importing transformers already sets the variable to inductor's default; a user's own value stays.
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
+    torch._inductor.config.freezing = True
+    torch._inductor.config.fx_graph_cache = True
+    return torch.compile(model, dynamic=True)
+
+
 class InferStage:
     """``__call__(table) -> table``: adds ``__logits_{task}`` for every task.
 
     ``worker_resources`` tells what the scheduler gave this worker (logged, so GPU requests can be
-    checked on any machine); the engine passes Ray's, a direct call passes nothing."""
+    checked on any machine); the engine passes Ray's, a direct call passes nothing. ``compiled``: the
+    driver's decision for ``runtime.compile: auto`` (None: compile only when it is ``on``)."""
 
     def __init__(
         self,
@@ -134,6 +161,7 @@ class InferStage:
         runtime: RuntimeConfig,
         device: str,
         worker_resources: Callable[[], dict] | None = None,
+        compiled: bool | None = None,
     ):
         configure_worker_logging()
         disable_progress_bar()  # a bar per weight file in every actor's log says nothing to the user
@@ -164,15 +192,47 @@ class InferStage:
         self.tasks = {mt.task.name: mt for mt in model_tasks}
         self.pad_ids = {mt.task.name: self._pad_id(mt) for mt in model_tasks}
         self.unchecked = {mt.task.name for mt in model_tasks} if self.check_rows else set()
+        self.eager = {}  # the uncompiled models, the fallback of a compiled one that fails
+        if (runtime.compile == "on" if compiled is None else compiled) and not self.quantized:
+            self._compile()
         log.info(
-            "model actor pid=%s device=%s dtype=%s int8=%s threads=%s resources=%s",
+            "model actor pid=%s device=%s dtype=%s int8=%s compiled=%s threads=%s resources=%s",
             os.getpid(),
             self.device,
             self.dtype,
             self.quantized,
+            bool(self.eager),
             threads,
             worker_resources() if worker_resources else {},
         )
+
+    def _compile(self) -> None:
+        """Compile every model and run it on a few shapes, so that no batch of the job waits for the
+        compiler; any failure leaves every model eager, with one warning."""
+        started = time.perf_counter()
+        try:
+            for name, model in self.models.items():
+                self.eager[name] = model
+                self.models[name] = compile_model(model)
+                mt = self.tasks[name]
+                pairs = kind_of(mt.task).own_tokens(mt.task)  # pair inputs come with token type ids
+                for rows, tokens in WARM_UP_SHAPES:
+                    seqs = [np.full(tokens, self.pad_ids[name] + 1, dtype=np.int64)] * rows
+                    pair = [np.zeros(tokens, dtype=np.int64)] * rows if pairs else None
+                    self._forward_task(name, seqs, pair)
+        except Exception as exc:  # any compiler error: the eager models still work
+            self._fall_back(exc)
+            return
+        log.info("compiled %d model(s) in %.1f s", len(self.models), time.perf_counter() - started)
+
+    def _fall_back(self, exc: Exception) -> None:
+        log.warning(
+            "torch.compile failed (%s: %s); running the models eager",
+            type(exc).__name__,
+            str(exc).splitlines()[0] if str(exc) else "",
+        )
+        self.models.update(self.eager)
+        self.eager = {}
 
     def _pad_id(self, mt: ModelTask) -> int:
         pad = getattr(self.models[mt.task.name].config, "pad_token_id", None)
@@ -224,11 +284,10 @@ class InferStage:
     def _run_batch(
         self, name: str, seqs: list[np.ndarray], types: list[np.ndarray] | None
     ) -> list[np.ndarray]:
-        """Forward one batch; on a GPU out-of-memory split it in half and lower the budget that worked."""
+        """Forward one batch; on a GPU out-of-memory split it in half and lower the budget that worked. A
+        compiled model that fails on a new shape is replaced by the eager ones, and the batch rerun."""
         try:
-            return self._forward(
-                self.models[name], self.pad_ids[name], seqs, types=types, outputs=self._outputs(name)
-            )
+            return self._guarded(lambda: self._forward_task(name, seqs, types))
         except torch.cuda.OutOfMemoryError:
             if len(seqs) == 1:
                 raise
@@ -238,6 +297,24 @@ class InferStage:
             log.warning("CUDA out of memory; retrying in halves, token budget now %d", self.max_tokens)
             first, second = (types[:half], types[half:]) if types is not None else (None, None)
             return self._run_batch(name, seqs[:half], first) + self._run_batch(name, seqs[half:], second)
+
+    def _forward_task(self, name: str, seqs: list[np.ndarray], types: list[np.ndarray] | None):
+        return self._forward(
+            self.models[name], self.pad_ids[name], seqs, types=types, outputs=self._outputs(name)
+        )
+
+    def _guarded(self, call: Callable[[], list[np.ndarray]]) -> list[np.ndarray]:
+        """``call()``; if a compiled model fails (a shape the compiler cannot handle), the eager models
+        take over and ``call`` runs again. Out-of-memory errors are the caller's."""
+        try:
+            return call()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            if not self.eager:
+                raise
+            self._fall_back(exc)
+            return call()
 
     def run_sequences(
         self, name: str, seqs: list[np.ndarray], types: list[np.ndarray] | None = None
@@ -262,7 +339,7 @@ class InferStage:
             return
         kind, task = kind_of(self.tasks[name].task), self.tasks[name].task
         pad, outputs = self.pad_ids[name], self._outputs(name)
-        fast = self._forward(self.models[name], pad, sample, types=sample_types, outputs=outputs)
+        fast = self._guarded(lambda: self._forward_task(name, sample, sample_types))
         exact = self._forward(reference, pad, sample, True, sample_types, outputs)
         disagree = kind.disagreement(task, fast, exact)
         precision = "int8" if self.quantized else str(self.dtype).replace("torch.", "")
