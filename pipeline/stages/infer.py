@@ -125,8 +125,9 @@ def default_threads(runtime: RuntimeConfig) -> int:
 
 
 def inductor_cache_dir() -> Path:
-    """Where inductor keeps compiled graphs: under the user's cache, so that a second run on the machine
-    loads them instead of compiling (inductor's default is a folder in /tmp)."""
+    """Where inductor keeps compiled graphs: under the user's cache, not inductor's folder in /tmp. With
+    freezing on, torch 2.13 bypasses its FX graph cache (prepacked weights), so today a second run still
+    compiles (README, "runtime.compile")."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "bertpipe" / "inductor"
 
