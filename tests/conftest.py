@@ -168,3 +168,18 @@ def pipeline_log(caplog):
     with caplog.at_level(logging.INFO, logger="bertpipe"):
         yield caplog
     logger.removeHandler(caplog.handler)
+
+
+def break_span_assembly(monkeypatch, marker: str = "boom") -> None:
+    """NER span assembly fails for any batch holding a text that starts with ``marker`` (as odd offsets
+    would), so tests can check that only that row gets an ``_error``."""
+    from bertpipe.tasks import ner
+
+    real = ner.SpanAssembler.assemble
+
+    def fragile(self, texts, *args):
+        if any(t.startswith(marker) for t in texts):
+            raise RuntimeError("odd offsets")
+        return real(self, texts, *args)
+
+    monkeypatch.setattr(ner.SpanAssembler, "assemble", fragile)

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import make_texts
+from conftest import break_span_assembly, make_texts
 from tiny_models import build_token_classifier
 from transformers import pipeline as hf_pipeline
 from transformers.pipelines import AggregationStrategy, TokenClassificationPipeline
@@ -175,14 +175,7 @@ def test_a_row_the_batch_cannot_take_fails_alone(model, monkeypatch):
     rows = _windows(pipe, texts)
     task = parse_task(dict(name="ents", kind="ner", model=str(folder)))
     post = ner.KIND.postprocessor(task, inspect_model(task), lambda: pipe.tokenizer)
-    real = ner.SpanAssembler.assemble
-
-    def fragile(self, texts, *args):
-        if any(t.startswith("boom") for t in texts):
-            raise RuntimeError("odd offsets")
-        return real(self, texts, *args)
-
-    monkeypatch.setattr(ner.SpanAssembler, "assemble", fragile)
+    break_span_assembly(monkeypatch)
     got = post(TaskBatch(_table(texts, rows, "ents", "g"), "ents", "g", "text"))["ents"].to_pylist()
     assert post.failures == {0: "ents spans failed: RuntimeError"}
     assert got[0] is None

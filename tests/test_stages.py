@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import make_texts
+from conftest import break_span_assembly, make_texts
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from bertpipe import columns as C
@@ -163,16 +163,7 @@ def test_out_of_memory_batch_is_split_and_budget_remembered(models, monkeypatch)
 
 
 def test_a_span_failure_marks_only_its_row(models, monkeypatch):
-    from bertpipe.tasks import ner
-
-    real = ner.SpanAssembler.assemble
-
-    def fragile(self, texts, *args):
-        if any(t.startswith("boom") for t in texts):
-            raise RuntimeError("odd offsets")
-        return real(self, texts, *args)
-
-    monkeypatch.setattr(ner.SpanAssembler, "assemble", fragile)
+    break_span_assembly(monkeypatch)
     texts = ["boom " + t for t in make_texts(1, seed=8)] + make_texts(5, seed=9)
     out = _run_stages([_task("entities", "ner", models["ner"])], texts, RuntimeConfig(dtype="float32"))
     assert out.column(C.ERROR).to_pylist() == ["entities spans failed: RuntimeError"] + [None] * 5
