@@ -521,7 +521,8 @@ def test_finetune_survives_other_local_rays_starting_and_stopping(tmp_path):
     assert finetune.returncode == 0, output[-3000:]
     assert overlapped >= 1, "no second Ray ran during the fine-tune"
     assert output.count("best val_macro_f1") == 1 and output.count("epoch 1:") == 1, output[-3000:]
-    for noise in ("Failed to query Ray Train Controller", "placement group", "health check"):
+    noises = ("Failed to query Ray Train Controller", "placement group", "health check", "Reporting training")
+    for noise in noises:
         assert noise not in output, output[-3000:]
     summary = json.loads((tmp_path / "model" / "training_summary.json").read_text())
     assert [e["epoch"] for e in summary["epochs"]] == [1]

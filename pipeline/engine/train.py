@@ -14,6 +14,7 @@ runs on that thread.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -183,4 +184,16 @@ def _trainer(runtime: FinetuneRuntime, score_metric: str, storage_path: str, con
 
 def _worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """What every Ray Train worker runs: the trainer's loop, handed a context instead of Ray."""
+    quiet_report_lines()
     return config["loop"](WorkerContext(config["arrays"], config["queue"]), config["loop_config"])
+
+
+def quiet_report_lines() -> None:
+    """Ray Train's worker logs "Reporting training result ..." once per report at INFO, on a logger named
+    after its file, outside the ``ray.train`` tree that ``LoggingConfig`` sets, so the lines would reach
+    the console; they say nothing the progress lines do not."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its lines stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
