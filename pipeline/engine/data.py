@@ -428,8 +428,9 @@ def write_table(
 ) -> WriteStats:
     """Write the dataset into an Iceberg or Delta table in one commit, gated by ``before_commit``."""
     inner = _table_sink(target.format, mode, target.sink_args(run_id))
-    counted = (schema, id_column, id_is_row_key or id_column == C.ROW_KEY)
-    sink = CheckedSink(inner, counted, target.files, target.scratch(run_id), before_commit)
+    id_is_row_key = id_is_row_key or id_column == C.ROW_KEY
+    scratch = target.scratch(run_id)
+    sink = CheckedSink(inner, schema, id_column, id_is_row_key, target.files, scratch, before_commit)
     build().write_datasink(sink)
     return sink.stats
 
@@ -458,13 +459,17 @@ class CheckedSink(Datasink):
     def __init__(
         self,
         inner: Datasink,
-        counted: tuple[pa.Schema, str, bool],
+        schema: pa.Schema,
+        id_column: str,
+        id_is_row_key: bool,
         files: Callable[[Any], int],
         scratch: tuple[pa.fs.FileSystem, str],
         before_commit: Callable[[WriteStats], None],
     ):
         self.inner = inner
-        self.schema, self.id_column, self.id_is_row_key = counted
+        self.schema = schema
+        self.id_column = id_column
+        self.id_is_row_key = id_is_row_key
         self.files = files
         self.scratch = scratch
         self.before_commit = before_commit
