@@ -279,7 +279,8 @@ class TableTarget:
             if mode == "error" and target.has_data():
                 raise ConfigError(f"{target} got data from elsewhere during the run; not writing into it")
 
-        stats = write_table(build, target, schema, id_column, mode, run_id, before_commit)
+        derived = p.derive_id is not None
+        stats = write_table(build, target, schema, id_column, derived, mode, run_id, before_commit)
         if stats.rows == 0 and mode == "overwrite":
             target.clear(run_id)
         self.info = {"format": target.format, "table": str(target), "mode": mode, **target.committed(run_id)}

@@ -183,3 +183,14 @@ def break_span_assembly(monkeypatch, marker: str = "boom") -> None:
         return real(self, texts, *args)
 
     monkeypatch.setattr(ner.SpanAssembler, "assemble", fragile)
+
+
+def counted(table: pa.Table, id_column: str) -> tuple:
+    """The reference for ``WriteStats`` of the rows in ``table``, by ``Counter``: rows, distinct row
+    keys, errors by reason, and ids beyond the first of each (nulls are no id)."""
+    from collections import Counter
+
+    keys = Counter(table.column("_row_key").to_pylist())
+    errors = Counter(e for e in table.column("_error").to_pylist() if e is not None)
+    ids = Counter(i for i in table.column(id_column).to_pylist() if i is not None)
+    return table.num_rows, len(keys), dict(errors), sum(n - 1 for n in ids.values())

@@ -307,6 +307,84 @@ def test_publish_overwrite_and_append_on_s3(s3, bucket):
     assert [k for k in s3.keys(bucket) if not k.startswith("out/")] == []
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["delta", "iceberg"])
+def test_table_counts_on_s3(ray_session, s3, bucket, tmp_path, fmt):
+    """An Iceberg or Delta table on S3: the write tasks' counting files go to a scratch folder under
+    the table with the table's own credentials (deltalake's keys, the catalog's ``s3.*``); the counts
+    equal a Counter over the committed rows, a refused check commits nothing, and no scratch key is
+    left either way."""
+    import ray
+    from conftest import counted
+
+    from bertpipe.config import OutputConfig
+    from bertpipe.engine.data import write_table
+    from bertpipe.io.warehouse import SCRATCH, check_target
+
+    if fmt == "delta":
+        options = {
+            "storage_options": {
+                "AWS_ACCESS_KEY_ID": KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET,
+                "AWS_ENDPOINT_URL": s3.endpoint,
+                "AWS_REGION": REGION,
+                "AWS_ALLOW_HTTP": "true",
+            }
+        }
+    else:
+        options = {
+            "catalog": {
+                "type": "sql",
+                "uri": f"sqlite:///{tmp_path}/catalog.db",
+                "warehouse": f"s3://{bucket}/warehouse",
+                "s3.endpoint": s3.endpoint,
+                "s3.access-key-id": KEY,
+                "s3.secret-access-key": SECRET,
+                "s3.region": REGION,
+            }
+        }
+    output = OutputConfig(path=f"s3://{bucket}/table", format=fmt, mode="append", table="ns.t", **options)
+    target = check_target(output)
+    schema = pa.schema([("id", pa.string()), ("_row_key", pa.string()), ("_error", pa.string())])
+    target.create(schema, [])
+    rows = pa.Table.from_pylist(
+        [
+            {
+                "id": None if i % 5 == 0 else f"i{i % 8}",
+                "_row_key": f"k{i % 11}",
+                "_error": [None, "x", "y"][i % 3],
+            }
+            for i in range(30)
+        ],
+        schema=schema,
+    )
+    ds = ray.data.from_arrow(rows).repartition(3)
+
+    def read_table():
+        if fmt == "delta":
+            from deltalake import DeltaTable
+
+            return DeltaTable(output.path, storage_options=options["storage_options"]).to_pyarrow_table()
+        return target.table().scan().to_arrow()
+
+    seen = []
+    stats = write_table(lambda: ds, target, schema, "id", False, "append", "run-1", seen.append)
+    assert seen == [stats]
+    assert (stats.rows, stats.distinct_keys, stats.errors_by_reason, stats.duplicate_ids) == counted(
+        read_table(), "id"
+    )
+    puts = [line for line in s3.log.read_text().splitlines() if SCRATCH in line and '"PUT ' in line]
+    assert len(puts) >= 3, "each write task put its counting file on S3"
+
+    def refuse(stats):
+        raise RuntimeError("refused by the check")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        write_table(lambda: ds, target, schema, "id", False, "append", "run-2", refuse)
+    assert read_table().num_rows == len(rows)
+    assert [k for k in s3.keys(bucket) if SCRATCH in k] == []
+
+
 def test_every_credential_option_is_redacted():
     """Option names differ per backend: s3fs key/secret/token, adlfs account_key/connection_string."""
     options = {

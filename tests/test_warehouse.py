@@ -13,12 +13,13 @@ import duckdb
 import pyarrow as pa
 import pytest
 import ray
-from conftest import STRIDE, WINDOW, base_config, make_texts, write_shards
+from conftest import STRIDE, WINDOW, base_config, counted, make_texts, write_shards
 from transformers import pipeline as hf_pipeline
 
 from bertpipe.config import ConfigError, JobConfig
+from bertpipe.engine import data
 from bertpipe.engine.data import build_dataset
-from bertpipe.io.warehouse import check_target, conform, table_schema
+from bertpipe.io.warehouse import SCRATCH, check_target, conform, table_schema
 from bertpipe.plan import plan
 from bertpipe.runner import TableTarget, execute, verify_counts
 from bertpipe.tasks.sentiment import normalise_sentiment_label
@@ -284,6 +285,46 @@ def test_failed_write_leaves_the_table_as_it_was(fmt, small_corpus, models, mate
     after_version, after_commits, after = _snapshot(fmt, out)
     assert (after_version, after_commits) == (version, commits)
     assert sorted(after.column("id").to_pylist()) == sorted(r["id"] for r in rows)
+    assert not list(out.rglob(f"{SCRATCH}*")), "the counting files of failed writes are deleted"
+
+
+@pytest.mark.parametrize("where", ["driver", "distributed"])
+def test_table_counts_in_the_driver_equal_the_distributed_counts(
+    where, small_corpus, models, materialized, tmp_path, monkeypatch
+):
+    """A table output with repeated row keys and ids, null ids and errors, written by several tasks:
+    the counts the check gets, from the scratch files read in the driver or by Ray Data aggregations,
+    equal a Counter over the rows the table holds, and no scratch file is left. One format: the
+    counting is the same code for both."""
+    if where == "distributed":
+        monkeypatch.setattr(data, "SMALL_OUTPUT_ROWS", 0)
+        monkeypatch.setattr(data, "_stats_in_driver", None)  # fails if the driver path runs
+    else:
+        monkeypatch.setattr(data, "_surplus", None)
+    out = tmp_path / "out"
+    cfg = job(small_corpus, models, out, "delta", table="enriched")
+    p = plan(cfg)
+    base = conform(pa.concat_tables(ray.get(materialized.to_arrow_refs())), table_schema(p)).to_pylist()
+    again = [{**r, "_error": ["bad_a", "bad_b", None][i % 3]} for i, r in enumerate(base[:10])]
+    new_keys = [
+        {**r, "_row_key": r["_row_key"] + "-x", "id": None if i % 4 == 0 else r["id"], "_error": "bad_a"}
+        for i, r in enumerate(base[10:20])
+    ]
+    rows = pa.Table.from_pylist(base + again + new_keys, schema=table_schema(p))
+    seen = []
+    tasks = ray.data.from_arrow(rows).repartition(4)  # a scratch file per write task
+    _, written = write(cfg, "run-1", tasks, verify=lambda p, stats: seen.append(stats))
+
+    from deltalake import DeltaTable
+
+    table = DeltaTable(str(out))
+    got = written.stats
+    assert seen == [got]
+    assert (got.rows, got.distinct_keys, got.errors_by_reason, got.duplicate_ids) == counted(
+        table.to_pyarrow_table(), "id"
+    )
+    assert got.rows == 44 and got.duplicate_ids == 17 and got.files == len(table.file_uris())
+    assert not list(out.rglob(f"{SCRATCH}*"))
 
 
 def test_config_errors(small_corpus, models, tmp_path):

@@ -11,11 +11,12 @@ import functools
 import json
 import logging
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -420,95 +421,120 @@ def write_table(
     target,
     schema: pa.Schema,
     id_column: str,
+    id_is_row_key: bool,
     mode: str,
     run_id: str,
     before_commit: Callable[[WriteStats], None],
 ) -> WriteStats:
     """Write the dataset into an Iceberg or Delta table in one commit, gated by ``before_commit``."""
     inner = _table_sink(target.format, mode, target.sink_args(run_id))
-    sink = CheckedSink(inner, schema, id_column, target.files, before_commit)
+    id_is_row_key = id_is_row_key or id_column == C.ROW_KEY
+    scratch = target.scratch(run_id)
+    sink = CheckedSink(inner, schema, id_column, id_is_row_key, target.files, scratch, before_commit)
     build().write_datasink(sink)
     return sink.stats
 
 
 @dataclass
-class _Tally:
-    """What one write task wrote: rows, their keys and ids, and error counts."""
-
-    rows: int
-    keys: list[pa.ChunkedArray]
-    ids: list[pa.ChunkedArray]
-    errors: Counter
-
-
-@dataclass
 class _Written:
     inner: Any  # what the wrapped sink's ``write`` returned
-    tally: _Tally
+    rows: int
+    counts: str | None  # the task's file of counted columns in the scratch folder; None without rows
 
 
 class CheckedSink(Datasink):
-    """Ray's table sink behind a gate: blocks are fitted to the table schema and counted on their way to
-    it; the counts are checked on the driver before the sink commits."""
+    """Ray's table sink behind a gate: blocks are fitted to the table schema on their way to it, and the
+    counts are checked on the driver before the sink commits.
+
+    Counting needs every row key and id, which must not pass through the driver: each write task also
+    writes the ``_row_key``, ``_error`` and id columns of its rows as one Parquet file into the run's
+    scratch folder under the table's location (the target's ``scratch``: the table's own storage and
+    credentials, which the write tasks already use), and returns only its row count and that file's
+    path. The driver counts those files with ``staged_stats``, as for a Parquet output (distributed
+    for large outputs), deletes the folder, and only then lets the check and the commit run; a failed
+    write deletes it too. Paths are returned rather than the folder listed, so that the file of a write
+    task that failed and was retried is never counted. Objects put by the write tasks into Ray's store
+    would need no folder, but such an object is lost when the worker that put it exits."""
 
     def __init__(
         self,
         inner: Datasink,
         schema: pa.Schema,
         id_column: str,
+        id_is_row_key: bool,
         files: Callable[[Any], int],
+        scratch: tuple[pa.fs.FileSystem, str],
         before_commit: Callable[[WriteStats], None],
     ):
         self.inner = inner
         self.schema = schema
         self.id_column = id_column
+        self.id_is_row_key = id_is_row_key
         self.files = files
+        self.scratch = scratch
         self.before_commit = before_commit
         self.stats: WriteStats | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        """Write tasks get the schema and the wrapped sink; the check runs on the driver only."""
+        """Write tasks get the schema, the scratch folder and the wrapped sink; the check runs on the
+        driver only."""
         return {**self.__dict__, "before_commit": None}
 
     def on_write_start(self, schema: pa.Schema | None = None) -> None:
+        fs, folder = self.scratch
+        fs.create_dir(folder, recursive=True)  # a local disk needs it before the tasks write into it
         self.inner.on_write_start(self.schema)  # the table's schema, not the first block's
 
     def write(self, blocks: Iterable[Block], ctx) -> _Written:
-        tally = _Tally(0, [], [], Counter())
+        import pyarrow.parquet as pq
+
+        fs, folder = self.scratch
+        path = f"{folder}/{uuid.uuid4().hex}.parquet"
+        columns = [C.ROW_KEY, C.ERROR] + ([] if self.id_is_row_key else [self.id_column])
+        writer: pq.ParquetWriter | None = None
+        rows = 0
 
         def fitted() -> Iterator[pa.Table]:
+            nonlocal writer, rows
             for block in blocks:
                 table = conform(BlockAccessor.for_block(block).to_arrow(), self.schema)
-                tally.rows += table.num_rows
-                tally.keys.append(table.column(C.ROW_KEY))
-                tally.ids.append(table.column(self.id_column))
-                tally.errors.update(r for r in table.column(C.ERROR).to_pylist() if r is not None)
+                if table.num_rows:
+                    counted = table.select(columns)
+                    writer = writer or pq.ParquetWriter(path, counted.schema, filesystem=fs)
+                    writer.write_table(counted)
+                    rows += table.num_rows
                 yield table
 
-        return _Written(self.inner.write(fitted(), ctx), tally)
+        try:
+            inner = self.inner.write(fitted(), ctx)
+        finally:
+            if writer is not None:
+                writer.close()
+        return _Written(inner, rows, path if writer is not None else None)
 
     def on_write_complete(self, write_result: WriteResult) -> None:
+        from fsspec.implementations.arrow import ArrowFSWrapper
+
         written = [w for w in write_result.write_returns if w is not None]
-        tallies = [w.tally for w in written]
-        rows = sum(t.rows for t in tallies)
-        keys = pa.chunked_array([c for t in tallies for k in t.keys for c in k.chunks], pa.string())
-        ids = pa.chunked_array(
-            [c for t in tallies for i in t.ids for c in i.chunks], self.schema.field(self.id_column).type
-        )
-        stats = WriteStats(
-            rows=rows,
-            distinct_keys=pc.count_distinct(keys).as_py(),
-            errors_by_reason=dict(sum((t.errors for t in tallies), Counter())),
-            files=sum(self.files(w.inner) for w in written),
-            duplicate_ids=rows - pc.count_distinct(ids, mode="all").as_py(),
-        )
+        counts = [w.counts for w in written if w.counts is not None]
+        rows = sum(w.rows for w in written)
+        fs = ArrowFSWrapper(self.scratch[0])
+        counted = staged_stats(fs, counts, self.id_column, self.id_is_row_key, rows)
+        stats = replace(counted, files=sum(self.files(w.inner) for w in written))
+        self._drop_scratch()
         self.before_commit(stats)
         inner = [w.inner for w in written]
         self.inner.on_write_complete(WriteResult(write_result.num_rows, write_result.size_bytes, inner))
         self.stats = stats
 
     def on_write_failed(self, error: Exception) -> None:
+        self._drop_scratch()  # also after a failed check: Ray calls this when on_write_complete raises
         self.inner.on_write_failed(error)
+
+    def _drop_scratch(self) -> None:
+        fs, folder = self.scratch
+        with suppress(FileNotFoundError):  # dropped already, or the write failed before it started
+            fs.delete_dir(folder)
 
     def get_name(self) -> str:
         return self.inner.get_name()

@@ -6,9 +6,10 @@ Ray Data writes the data files from its workers and the driver commits them all 
 ``write_delta``). A run that fails leaves the table as it was: the files it had written are referenced
 by no snapshot or version, so no reader sees them (Iceberg's orphan-file removal or Delta's
 ``vacuum`` deletes them). ``CheckedSink`` (``bertpipe.engine.data``) puts a gate in front of that
-commit: it fits every block to the table schema and counts row keys, ids and errors on the way to the
-sink, and the driver runs the same checks as the Parquet path (each row key exactly once, duplicate ids)
-before anything commits.
+commit: it fits every block to the table schema, and its write tasks also write the row keys, ids and
+errors of their rows into a scratch folder of the run under the table's location
+(``_bertpipe_scratch-<run id>``, removed before the commit or after a failure), which the driver counts
+with the Parquet path's checks (each row key exactly once, duplicate ids) before anything commits.
 
 Modes: ``error`` appends to a table that must hold no rows (checked before the run and again just before
 the commit); ``append`` adds a snapshot / version; ``merge`` upserts by the id column: the rows are
@@ -42,6 +43,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.utils import get_protocol
 
@@ -59,6 +61,7 @@ RUN_ID_PROPERTY = "bertpipe.run_id"
 _MODES = ("error", "overwrite", "append", "merge", "incremental")
 UPSERT_MODES = ("merge", "incremental")
 MERGE_CHUNK_ROWS = 50_000
+SCRATCH = "_bertpipe_scratch"  # + "-<run id>": a run's counting files, under the table's location
 
 
 def check_target(output: OutputConfig) -> _Iceberg | _Delta:
@@ -264,6 +267,17 @@ class _Iceberg:
             "snapshot_properties": {RUN_ID_PROPERTY: run_id},
         }
 
+    def scratch(self, run_id: str) -> tuple[pafs.FileSystem, str]:
+        """The run's scratch folder under the table's location, on the filesystem pyiceberg builds from
+        the catalog's properties for the table's data files (same credentials and endpoint)."""
+        from pyiceberg.io.pyarrow import PyArrowFileIO
+
+        table = self.table()
+        io = PyArrowFileIO(table.io.properties)
+        location = f"{table.location().rstrip('/')}/{SCRATCH}-{run_id}"
+        scheme, netloc, path = io.parse_location(location, io.properties)
+        return io.fs_by_scheme(scheme, netloc), path
+
     @staticmethod
     def files(written) -> int:
         return len(written.data_files)
@@ -340,6 +354,16 @@ class _Delta:
             "storage_options": self.storage_options,
             "name": self.name,
         }
+
+    def scratch(self, run_id: str) -> tuple[pafs.FileSystem, str]:
+        """The run's scratch folder inside the table's folder (names starting with ``_`` are not Delta
+        data), on deltalake's own storage with ``storage_options``, as its commits use."""
+        name = f"{SCRATCH}-{run_id}"
+        if local := _local_path(self.uri):
+            return pafs.LocalFileSystem(), f"{local}/{name}"
+        from deltalake.fs import DeltaStorageHandler
+
+        return pafs.PyFileSystem(DeltaStorageHandler(self.uri, self.storage_options)), name
 
     @staticmethod
     def files(written) -> int:
