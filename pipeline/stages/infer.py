@@ -125,9 +125,8 @@ def default_threads(runtime: RuntimeConfig) -> int:
 
 
 def inductor_cache_dir() -> Path:
-    """Where inductor keeps compiled graphs: under the user's cache, not inductor's folder in /tmp. With
-    freezing on, torch 2.13 bypasses its FX graph cache (prepacked weights), so today a second run still
-    compiles (README, "runtime.compile")."""
+    """Where inductor keeps compiled graphs: under the user's cache, not inductor's folder in /tmp, so
+    that a second run on the machine finds them."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "bertpipe" / "inductor"
 
@@ -145,6 +144,9 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
     torch._inductor.config.freezing = True
+    # Prepacked (mkldnn) weights cannot be pickled, so inductor would bypass its FX graph cache and a
+    # second run would compile again; unpacked, the graphs are cached (benchmarks/compiled.py).
+    torch._inductor.config.cpp.weight_prepack = False
     torch._inductor.config.fx_graph_cache = True
     return torch.compile(model, dynamic=True)
 
@@ -197,13 +199,14 @@ class InferStage:
         if (runtime.compile == "on" if compiled is None else compiled) and not self.quantized:
             self._compile()
         log.info(
-            "model actor pid=%s device=%s dtype=%s int8=%s compiled=%s threads=%s resources=%s",
+            "model actor pid=%s device=%s dtype=%s int8=%s compiled=%s threads=%s omp_wait=%s resources=%s",
             os.getpid(),
             self.device,
             self.dtype,
             self.quantized,
             bool(self.eager),
             threads,
+            os.environ.get("OMP_WAIT_POLICY", "default"),
             worker_resources() if worker_resources else {},
         )
 
