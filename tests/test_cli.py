@@ -106,6 +106,7 @@ def test_cuda_device_schedules_gpu_actors_on_a_fake_gpu(tmp_path, models):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sees no CUDA device; running on CPU" in proc.stderr
     assert "'GPU': 1.0" in proc.stderr, "the model actor was not given a GPU by Ray"
+    assert "omp_wait=default" in proc.stderr, "a GPU actor's OpenMP settings are the user's"
     summary = json.loads(next((tmp_path / "out" / "_runs").glob("*.json")).read_text())
     assert summary["device"] == "cuda" and summary["rows_out"] == 20
     assert yaml.safe_load(path.read_text())["runtime"]["device"] == "cuda"

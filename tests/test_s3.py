@@ -233,6 +233,7 @@ def test_storage_options_and_resume(tmp_path, s3, bucket, rows, models):
 
     resumed = run_cli(config, "--set", "output.mode=resume", env=cli_env())
     assert "resuming run" in resumed.stderr
+    assert "omp_wait=PASSIVE" in resumed.stderr, "a CPU model actor's threads spin between operations"
     summary = check_published(s3, bucket, rows, runs=1)
     assert summary["rows_in"] == summary["rows_out"] == len(rows) and summary["files_in"] == 3
     for section in ("input", "output"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import threading
 import uuid
 from collections import Counter
@@ -157,6 +158,13 @@ def assigned_resources() -> dict:
         return {}
 
 
+# A CPU model actor's OpenMP threads sleep between operations instead of spinning: torch's default spin
+# (libgomp) keeps its threads busy for a while after each operation, and on a node where the reader,
+# tokeniser, postprocessor and writer share the cores with the model that spinning takes their CPU
+# (benchmarks/README.md, "Threads of a CPU model actor"). Merged into the job's runtime env by Ray.
+CPU_MODEL_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def label_stages(
     ds: Dataset,
     models: ModelPlan,
@@ -187,7 +195,9 @@ def label_stages(
         num_cpus=0.25,
     )
     low, high = (runtime.actors, runtime.actors) if isinstance(runtime.actors, int) else runtime.actors
-    gpu = {"num_gpus": runtime.gpus_per_actor} if device == "cuda" else {}
+    actor_args = {"num_gpus": runtime.gpus_per_actor} if device == "cuda" else {}
+    if device != "cuda" and "OMP_WAIT_POLICY" not in os.environ:
+        actor_args["runtime_env"] = {"env_vars": CPU_MODEL_ENV}
     ds = ds.map_batches(
         InferStage,
         fn_constructor_kwargs=dict(
@@ -201,7 +211,7 @@ def label_stages(
         batch_size=runtime.rows_per_block,  # rows per call; the stage cuts them into token-budget batches
         compute=ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=runtime.cpus_per_actor,
-        **gpu,  # Ray restarts a dead actor and retries its batches by default (max_restarts=-1)
+        **actor_args,  # Ray restarts a dead actor and retries its batches by default (max_restarts=-1)
     )
     return ds.map_batches(
         PostprocessStage,
