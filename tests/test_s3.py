@@ -21,10 +21,22 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import STRIDE, WINDOW, free_ports, make_texts, write_config, write_shards
+from conftest import (
+    STRIDE,
+    WINDOW,
+    committed_rows,
+    committed_snapshot,
+    free_ports,
+    make_texts,
+    refuse_writes,
+    write_config,
+    write_shards,
+)
 
+from bertpipe.config import JobConfig
 from bertpipe.io.paths import redact_options
 from bertpipe.io.writer import (
+    SUCCESS,
     OutputLocation,
     committed_files,
     data_files,
@@ -32,6 +44,7 @@ from bertpipe.io.writer import (
     publish_in_place,
     run_prefix,
 )
+from bertpipe.runner import execute
 
 KEY, SECRET, REGION = "AKIDBERTPIPETEST", "bertpipe-s3-secret-3c9a51f07e", "us-east-1"
 SOURCES = ["news", "reviews", "forum"]
@@ -68,16 +81,18 @@ class MotoS3:
             "client_kwargs": {"endpoint_url": self.endpoint, "region_name": REGION},
         }
 
-    def read_output(self, bucket: str) -> pa.Table:
-        """Arrow's own S3 client reads the output back, not the fsspec stack the pipeline writes with."""
-        fs = pafs.S3FileSystem(
+    def arrow_fs(self) -> pafs.S3FileSystem:
+        """Arrow's own S3 client, not the fsspec stack the pipeline writes with."""
+        return pafs.S3FileSystem(
             access_key=KEY,
             secret_key=SECRET,
             endpoint_override=self.endpoint.removeprefix("http://"),
             scheme="http",
             region=REGION,
         )
-        return pads.dataset(f"{bucket}/out", filesystem=fs, partitioning="hive").to_table()
+
+    def read_output(self, bucket: str) -> pa.Table:
+        return pads.dataset(f"{bucket}/out", filesystem=self.arrow_fs(), partitioning="hive").to_table()
 
 
 @pytest.fixture(scope="module")
@@ -273,6 +288,39 @@ def test_environment_credentials_and_incremental(tmp_path, s3, bucket, rows, mod
     assert pq.read_table(pa.BufferReader(body)).column("url").to_pylist() == [
         f"s3://{bucket}/in/more/part-0.parquet"
     ]
+
+
+@pytest.mark.slow
+def test_failed_overwrite_keeps_the_committed_output(ray_session, s3, bucket, rows, models, monkeypatch):
+    """A manifest commit (``output.commit: auto`` on S3) whose ``_SUCCESS`` PUT fails: a reader that
+    follows ``_SUCCESS`` sees the previous output, byte for byte, and the history no trace of the failed
+    run. The next overwrite commits and deletes both runs' files. The first, uninterrupted run is the
+    reference."""
+    cfg = job_config(bucket, models, storage_options=s3.storage_options())
+    execute(JobConfig.model_validate(cfg))
+    location = OutputLocation.from_url(f"s3://{bucket}/out", s3.storage_options())
+    before, reference = committed_snapshot(location), committed_rows(location, s3.arrow_fs())
+    assert len(reference) == len(rows) and len(before) > 3
+    first_keys = s3.keys(bucket, "out/")
+    refused = refuse_writes(monkeypatch, type(location.fs), SUCCESS)
+    cfg["output"]["mode"] = "overwrite"
+    with pytest.raises(OSError, match="injected"):
+        execute(JobConfig.model_validate(cfg))
+    assert refused, "the commit never wrote _SUCCESS"
+    assert {p: location.fs.cat_file(p) for p in before} == before, "the previous output changed"
+    assert committed_snapshot(location) == before
+    assert committed_rows(location, s3.arrow_fs()) == reference
+    new_keys = sorted(set(s3.keys(bucket, "out/")) - set(first_keys))
+    assert new_keys and all(k.rsplit("/", 1)[1].startswith("part-") for k in new_keys), new_keys
+
+    monkeypatch.undo()
+    execute(JobConfig.model_validate(cfg))
+    assert committed_rows(location, s3.arrow_fs()) == reference
+    committed = committed_files(location)
+    assert not set(committed) & {f"{bucket}/{k}" for k in first_keys + new_keys}
+    assert data_files(location.fs, location.path) == committed, "old and failed runs' files are deleted"
+    assert len(s3.keys(bucket, "out/_runs/")) == 2, "the history: both committed runs, not the failed one"
+    assert all(k.startswith(("in/", "out/")) for k in s3.keys(bucket)), "no staging, checkpoint or lock"
 
 
 def _stage(location: OutputLocation, files: dict[str, list[str]]) -> None:
