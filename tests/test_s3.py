@@ -35,6 +35,7 @@ from conftest import (
 
 from bertpipe.config import JobConfig
 from bertpipe.io.paths import redact_options
+from bertpipe.io.state import Intent, OutputLock
 from bertpipe.io.writer import (
     SUCCESS,
     OutputLocation,
@@ -294,8 +295,9 @@ def test_environment_credentials_and_incremental(tmp_path, s3, bucket, rows, mod
 def test_failed_overwrite_keeps_the_committed_output(ray_session, s3, bucket, rows, models, monkeypatch):
     """A manifest commit (``output.commit: auto`` on S3) whose ``_SUCCESS`` PUT fails: a reader that
     follows ``_SUCCESS`` sees the previous output, byte for byte, and the history no trace of the failed
-    run. The next overwrite commits and deletes both runs' files. The first, uninterrupted run is the
-    reference."""
+    run. A driver killed at that point leaves the same and its lock: ``resume`` commits the overwrite.
+    Another overwrite then commits too, and deletes the files it replaced. The first, uninterrupted run
+    is the reference."""
     cfg = job_config(bucket, models, storage_options=s3.storage_options())
     execute(JobConfig.model_validate(cfg))
     location = OutputLocation.from_url(f"s3://{bucket}/out", s3.storage_options())
@@ -314,12 +316,22 @@ def test_failed_overwrite_keeps_the_committed_output(ray_session, s3, bucket, ro
     assert new_keys and all(k.rsplit("/", 1)[1].startswith("part-") for k in new_keys), new_keys
 
     monkeypatch.undo()
+    failed = Intent.load(location).run_id
+    OutputLock(location, failed).acquire()  # what a killed driver leaves besides
+    cfg["output"]["mode"] = "resume"
+    assert execute(JobConfig.model_validate(cfg))["run_id"] == failed
+    assert committed_rows(location, s3.arrow_fs()) == reference
+    assert committed_files(location) == sorted(f"{bucket}/{k}" for k in new_keys)
+    assert data_files(location.fs, location.path) == committed_files(location), "old files deleted"
+    assert len(s3.keys(bucket, "out/_runs/")) == 2
+
+    cfg["output"]["mode"] = "overwrite"
     execute(JobConfig.model_validate(cfg))
     assert committed_rows(location, s3.arrow_fs()) == reference
     committed = committed_files(location)
     assert not set(committed) & {f"{bucket}/{k}" for k in first_keys + new_keys}
-    assert data_files(location.fs, location.path) == committed, "old and failed runs' files are deleted"
-    assert len(s3.keys(bucket, "out/_runs/")) == 2, "the history: both committed runs, not the failed one"
+    assert data_files(location.fs, location.path) == committed, "the replaced files are deleted"
+    assert len(s3.keys(bucket, "out/_runs/")) == 3, "the history of the committed runs"
     assert all(k.startswith(("in/", "out/")) for k in s3.keys(bucket)), "no staging, checkpoint or lock"
 
 
