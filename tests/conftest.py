@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import posixpath
 import random
 import socket
 import sys
@@ -11,6 +13,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -194,3 +197,52 @@ def counted(table: pa.Table, id_column: str) -> tuple:
     errors = Counter(e for e in table.column("_error").to_pylist() if e is not None)
     ids = Counter(i for i in table.column(id_column).to_pylist() if i is not None)
     return table.num_rows, len(keys), dict(errors), sum(n - 1 for n in ids.values())
+
+
+def refuse_writes(monkeypatch, fs_class: type, name: str) -> list[str]:
+    """Every write of a file whose name contains ``name`` fails as storage fails it: a local file opened
+    for writing is emptied before the write fails (a full disk), an object store's PUT stores nothing.
+    Returns the paths refused."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    real = fs_class.open
+    refused: list[str] = []
+
+    def open_(self, path, mode="rb", *args, **kwargs):
+        if name in posixpath.basename(str(path)) and any(m in mode for m in "wax"):
+            refused.append(str(path))
+            if isinstance(self, LocalFileSystem):
+                real(self, path, mode, *args, **kwargs).close()
+            raise OSError(errno.ENOSPC, f"injected: no space left for {path}")
+        return real(self, path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(fs_class, "open", open_)
+    return refused
+
+
+def committed_snapshot(location) -> dict[str, bytes]:
+    """What a reader that follows ``_SUCCESS`` trusts, byte for byte: ``_SUCCESS``, the manifests of the
+    runs it names and the data files they list."""
+    from bertpipe.io.writer import RUNS, SUCCESS, committed_files, committed_runs
+
+    runs = [posixpath.join(location.path, RUNS, f"{r}.json") for r in committed_runs(location)]
+    paths = [posixpath.join(location.path, SUCCESS), *runs, *committed_files(location)]
+    return {p: location.fs.cat_file(p) for p in paths}
+
+
+def committed_rows(location, filesystem=None) -> list[dict]:
+    """Every column of every row of the committed output, by id: the files the manifests named, read
+    with their hive partition values (by ``filesystem``, an Arrow filesystem, if given)."""
+    from bertpipe.io.writer import arrow_filesystem, committed_files
+
+    files = committed_files(location)
+    assert files, "no committed output"
+    dataset = pads.dataset(
+        files,
+        filesystem=filesystem or arrow_filesystem(location.fs),
+        partitioning="hive",
+        partition_base_dir=location.path,
+    )
+    rows = sorted(dataset.to_table().to_pylist(), key=lambda r: r["id"])
+    assert len({r["id"] for r in rows}) == len(rows), "an id appears more than once"
+    return rows

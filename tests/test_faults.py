@@ -16,15 +16,23 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import base_config, make_texts, write_config, write_shards
+from conftest import (
+    base_config,
+    committed_rows,
+    committed_snapshot,
+    make_texts,
+    refuse_writes,
+    write_config,
+    write_shards,
+)
 from ray import cloudpickle
 
 from bertpipe.config import ConfigError, JobConfig
 from bertpipe.engine import data
 from bertpipe.io import writer
 from bertpipe.io.paths import Shard
-from bertpipe.io.state import Ledger, OutputLock
-from bertpipe.io.writer import OutputLocation
+from bertpipe.io.state import Intent, Ledger, OutputLock, lock_path
+from bertpipe.io.writer import OutputLocation, committed_files, data_files, run_prefix
 from bertpipe.runner import execute
 from bertpipe.stages.infer import InferStage
 
@@ -62,8 +70,10 @@ def reference(ray_session, fault_corpus, models, tmp_path_factory):
     return read_output(out)
 
 
-def _staged_files(out: Path) -> int:
-    return len(list((out.parent / f".{out.name}.staging").rglob("*.parquet")))
+def _written_files(out: Path) -> int:
+    """Data files Ray has written: staged beside the output, or in place (a manifest commit)."""
+    folders = [out.parent / f".{out.name}.staging", out]
+    return sum(len(list(folder.rglob("*.parquet"))) for folder in folders if folder.exists())
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -110,10 +120,15 @@ def test_killed_model_actor_is_restarted_and_its_batches_redone(
     assert crashed_pid in pids and len(pids) >= 2, "the actor was not restarted"
 
 
-def test_killed_driver_leaves_no_output_and_resume_finishes(reference, fault_corpus, models, tmp_path):
+@pytest.mark.parametrize("commit", ["rename", "manifest"])
+def test_killed_driver_leaves_no_output_and_resume_finishes(
+    commit, reference, fault_corpus, models, tmp_path
+):
+    """With a manifest commit the killed run's files are in the output folder, but without ``_SUCCESS``
+    a reader that follows it sees no output; ``resume`` commits them."""
     out = tmp_path / "out"
     path = write_config(
-        tmp_path / "job.yaml", **_config(fault_corpus[0], out, models).model_dump(mode="json")
+        tmp_path / "job.yaml", **_config(fault_corpus[0], out, models, commit=commit).model_dump(mode="json")
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen(
@@ -125,7 +140,7 @@ def test_killed_driver_leaves_no_output_and_resume_finishes(reference, fault_cor
     )
     try:
         _wait_for(
-            lambda: _staged_files(out) >= 3 or driver.poll() is not None, 300, "the first written files"
+            lambda: _written_files(out) >= 3 or driver.poll() is not None, 300, "the first written files"
         )
         assert driver.poll() is None, "the run finished before it could be killed; make the corpus larger"
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
@@ -133,7 +148,13 @@ def test_killed_driver_leaves_no_output_and_resume_finishes(reference, fault_cor
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    assert not out.exists(), "a killed run must not leave anything that looks like an output"
+    location = OutputLocation.from_url(str(out), {})
+    if commit == "rename":
+        assert not out.exists(), "a killed run must not leave anything that looks like an output"
+    else:
+        assert not (out / "_SUCCESS").exists() and committed_files(location) == []
+        prefix = run_prefix(Intent.load(location).run_id)
+        assert all(p.name.startswith(prefix) for p in out.rglob("*.parquet")), "only the run's own files"
     # Also leave the state of a commit killed half way on an object store, where Ray's rename of
     # X.pending.parquet to X.parquet is a copy then a delete: both files exist.
     committed = [p for p in (tmp_path / ".out.checkpoint").glob("*.parquet") if ".pending." not in p.name]
@@ -152,6 +173,7 @@ def test_killed_driver_leaves_no_output_and_resume_finishes(reference, fault_cor
     summary = json.loads(next((out / "_runs").glob("*.json")).read_text())
     assert summary["rows_in"] == summary["rows_out"] == len(reference)
     assert not (tmp_path / ".out.checkpoint").exists() and not (tmp_path / ".out.staging").exists()
+    assert data_files(location.fs, location.path) == committed_files(location), "uncommitted files left"
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -178,6 +200,57 @@ def test_failed_overwrite_keeps_the_previous_output(reference, fault_corpus, mod
     execute(_config(fault_corpus[0], out, models, mode="overwrite"))
     assert read_output(out) == reference
     assert len(list((out / "_runs").glob("*.json"))) == 2, "the run history is kept across overwrites"
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("small_corpus")
+    texts = make_texts(48, seed=8, max_words=60)
+    write_shards(folder, [{"id": f"m{i:03d}", "text": t} for i, t in enumerate(texts)], 2, 1)
+    return folder
+
+
+def test_failed_manifest_commit_keeps_the_previous_output_and_resume_finishes_it(
+    ray_session, small_corpus, models, tmp_path, monkeypatch
+):
+    """``output.commit: manifest`` on a local disk. An overwrite fails while it writes ``_SUCCESS`` (the
+    disk is full): a reader that follows ``_SUCCESS`` still sees the previous output, byte for byte.
+    A driver killed at that point leaves the same and its lock; ``resume`` then commits the overwrite.
+    The first, uninterrupted run is the reference."""
+    out = tmp_path / "out"
+    location = OutputLocation.from_url(str(out), {})
+
+    def job(mode: str) -> JobConfig:
+        return _config(
+            small_corpus, out, models, mode=mode, commit="manifest", partition_by=["sentiment_label"]
+        )
+
+    execute(job("error"))
+    before, reference = committed_snapshot(location), committed_rows(location)
+    assert len(reference) == 48 and len(before) > 3
+    refused = refuse_writes(monkeypatch, type(location.fs), writer.SUCCESS)
+    with pytest.raises(OSError, match="injected"):
+        execute(job("overwrite"))
+    assert refused, "the commit never wrote _SUCCESS"
+    assert {p: location.fs.cat_file(p) for p in before} == before, "the previous output changed"
+    assert committed_snapshot(location) == before and committed_rows(location) == reference
+    failed = Intent.load(location).run_id
+    assert len(list((out / "_runs").glob("*.json"))) == 1, "the failed run is not in the history"
+    assert [f for f in data_files(location.fs, location.path) if run_prefix(failed) in f], "its files"
+    assert not list(out.rglob(".*.tmp"))
+
+    monkeypatch.undo()
+    OutputLock(location, failed).acquire()  # what a killed driver leaves besides
+    summary = execute(job("resume"))
+    assert summary["run_id"] == failed
+    assert committed_rows(location) == reference
+    committed = committed_files(location)
+    assert committed and all(run_prefix(failed) in f for f in committed)
+    assert data_files(location.fs, location.path) == committed, "the previous output's files are deleted"
+    assert len(list((out / "_runs").glob("*.json"))) == 2, "the run history is kept"
+    assert not any(
+        location.fs.exists(p) for p in (location.staging, location.checkpoint, lock_path(location))
+    )
 
 
 def test_a_second_writer_fails_cleanly(fault_corpus, models, tmp_path):

@@ -21,10 +21,23 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import STRIDE, WINDOW, free_ports, make_texts, write_config, write_shards
+from conftest import (
+    STRIDE,
+    WINDOW,
+    committed_rows,
+    committed_snapshot,
+    free_ports,
+    make_texts,
+    refuse_writes,
+    write_config,
+    write_shards,
+)
 
+from bertpipe.config import JobConfig
 from bertpipe.io.paths import redact_options
+from bertpipe.io.state import Intent, OutputLock
 from bertpipe.io.writer import (
+    SUCCESS,
     OutputLocation,
     committed_files,
     data_files,
@@ -32,6 +45,7 @@ from bertpipe.io.writer import (
     publish_in_place,
     run_prefix,
 )
+from bertpipe.runner import execute
 
 KEY, SECRET, REGION = "AKIDBERTPIPETEST", "bertpipe-s3-secret-3c9a51f07e", "us-east-1"
 SOURCES = ["news", "reviews", "forum"]
@@ -68,16 +82,18 @@ class MotoS3:
             "client_kwargs": {"endpoint_url": self.endpoint, "region_name": REGION},
         }
 
-    def read_output(self, bucket: str) -> pa.Table:
-        """Arrow's own S3 client reads the output back, not the fsspec stack the pipeline writes with."""
-        fs = pafs.S3FileSystem(
+    def arrow_fs(self) -> pafs.S3FileSystem:
+        """Arrow's own S3 client, not the fsspec stack the pipeline writes with."""
+        return pafs.S3FileSystem(
             access_key=KEY,
             secret_key=SECRET,
             endpoint_override=self.endpoint.removeprefix("http://"),
             scheme="http",
             region=REGION,
         )
-        return pads.dataset(f"{bucket}/out", filesystem=fs, partitioning="hive").to_table()
+
+    def read_output(self, bucket: str) -> pa.Table:
+        return pads.dataset(f"{bucket}/out", filesystem=self.arrow_fs(), partitioning="hive").to_table()
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +290,50 @@ def test_environment_credentials_and_incremental(tmp_path, s3, bucket, rows, mod
     assert pq.read_table(pa.BufferReader(body)).column("url").to_pylist() == [
         f"s3://{bucket}/in/more/part-0.parquet"
     ]
+
+
+@pytest.mark.slow
+def test_failed_overwrite_keeps_the_committed_output(ray_session, s3, bucket, rows, models, monkeypatch):
+    """A manifest commit (``output.commit: auto`` on S3) whose ``_SUCCESS`` PUT fails: a reader that
+    follows ``_SUCCESS`` sees the previous output, byte for byte, and the history no trace of the failed
+    run. A driver killed at that point leaves the same and its lock: ``resume`` commits the overwrite.
+    Another overwrite then commits too, and deletes the files it replaced. The first, uninterrupted run
+    is the reference."""
+    cfg = job_config(bucket, models, storage_options=s3.storage_options())
+    execute(JobConfig.model_validate(cfg))
+    location = OutputLocation.from_url(f"s3://{bucket}/out", s3.storage_options())
+    before, reference = committed_snapshot(location), committed_rows(location, s3.arrow_fs())
+    assert len(reference) == len(rows) and len(before) > 3
+    first_keys = s3.keys(bucket, "out/")
+    refused = refuse_writes(monkeypatch, type(location.fs), SUCCESS)
+    cfg["output"]["mode"] = "overwrite"
+    with pytest.raises(OSError, match="injected"):
+        execute(JobConfig.model_validate(cfg))
+    assert refused, "the commit never wrote _SUCCESS"
+    assert {p: location.fs.cat_file(p) for p in before} == before, "the previous output changed"
+    assert committed_snapshot(location) == before
+    assert committed_rows(location, s3.arrow_fs()) == reference
+    new_keys = sorted(set(s3.keys(bucket, "out/")) - set(first_keys))
+    assert new_keys and all(k.rsplit("/", 1)[1].startswith("part-") for k in new_keys), new_keys
+
+    monkeypatch.undo()
+    failed = Intent.load(location).run_id
+    OutputLock(location, failed).acquire()  # what a killed driver leaves besides
+    cfg["output"]["mode"] = "resume"
+    assert execute(JobConfig.model_validate(cfg))["run_id"] == failed
+    assert committed_rows(location, s3.arrow_fs()) == reference
+    assert committed_files(location) == sorted(f"{bucket}/{k}" for k in new_keys)
+    assert data_files(location.fs, location.path) == committed_files(location), "old files deleted"
+    assert len(s3.keys(bucket, "out/_runs/")) == 2
+
+    cfg["output"]["mode"] = "overwrite"
+    execute(JobConfig.model_validate(cfg))
+    assert committed_rows(location, s3.arrow_fs()) == reference
+    committed = committed_files(location)
+    assert not set(committed) & {f"{bucket}/{k}" for k in first_keys + new_keys}
+    assert data_files(location.fs, location.path) == committed, "the replaced files are deleted"
+    assert len(s3.keys(bucket, "out/_runs/")) == 3, "the history of the committed runs"
+    assert all(k.startswith(("in/", "out/")) for k in s3.keys(bucket)), "no staging, checkpoint or lock"
 
 
 def _stage(location: OutputLocation, files: dict[str, list[str]]) -> None:

@@ -17,9 +17,12 @@ committers and the table formats do, readers that follow it see only committed f
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
+import uuid
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,8 +164,7 @@ def publish(
     if before_success:
         before_success()
     write_json(fs, posixpath.join(location.path, RUNS, f"{run_id}.json"), summary)
-    with fs.open(posixpath.join(location.path, SUCCESS), "w") as fh:
-        fh.write(run_id + "\n")
+    write_text(fs, posixpath.join(location.path, SUCCESS), run_id + "\n")
 
 
 def run_prefix(run_id: str) -> str:
@@ -213,10 +215,16 @@ def publish_in_place(
 
     if before_success:
         before_success()
-    manifest = {**summary, "files": [f[len(location.path) + 1 :] for f in ours]}
-    write_json(fs, posixpath.join(location.path, RUNS, f"{run_id}.json"), manifest)
-    with fs.open(posixpath.join(location.path, SUCCESS), "w") as fh:
-        fh.write("".join(f"{r}\n" for r in [*runs, run_id]))
+    manifest_path = posixpath.join(location.path, RUNS, f"{run_id}.json")
+    write_json(fs, manifest_path, {**summary, "files": [f[len(location.path) + 1 :] for f in ours]})
+    try:
+        write_text(fs, posixpath.join(location.path, SUCCESS), "".join(f"{r}\n" for r in [*runs, run_id]))
+    except BaseException:
+        # The history must not show a run that did not commit (unless it is a resume of one that did).
+        with suppress(Exception):
+            if run_id not in committed_runs(location):
+                fs.rm(manifest_path)
+        raise
     if doomed := [f for f in others if stale(f)]:
         fs.rm(doomed)
     return ours
@@ -254,6 +262,26 @@ def _rename_dir(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, payload: dict[str, Any]) -> None:
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as fh:
-        json.dump(payload, fh, indent=2, default=str)
-        fh.write("\n")
+    write_text(fs, path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_text(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` whole or not at all: ``_SUCCESS`` and the manifests are what readers
+    trust, so a failed write (a full disk, a killed driver) must leave the previous version. An object
+    store's PUT is all or nothing; a local file opened for writing is emptied at once, so the text goes
+    to a hidden file beside it that is renamed over it."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol not in ("file", "local"):
+        with fs.open(path, "w") as fh:  # one PUT, when the file is closed
+            fh.write(text)
+        return
+    parent, name = posixpath.split(path)
+    temporary = posixpath.join(parent, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with fs.open(temporary, "w") as fh:
+            fh.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            os.remove(temporary)
+        raise
