@@ -197,6 +197,14 @@ def test_failed_overwrite_keeps_the_previous_output(reference, fault_corpus, mod
     assert _snapshot(out) == before
     assert read_output(out) == reference
     monkeypatch.setattr(writer, "_rename_dir", real_rename)
+    # Failing later, once the new output is in place but before its _SUCCESS: rolled back as well.
+    location = OutputLocation.from_url(str(out), {})
+    refused = refuse_writes(monkeypatch, type(location.fs), writer.SUCCESS)
+    with pytest.raises(OSError, match="injected"):
+        execute(_config(fault_corpus[0], out, models, mode="overwrite"))
+    assert refused, "the commit never wrote _SUCCESS"
+    assert _snapshot(out) == before
+    monkeypatch.undo()
     execute(_config(fault_corpus[0], out, models, mode="overwrite"))
     assert read_output(out) == reference
     assert len(list((out / "_runs").glob("*.json"))) == 2, "the run history is kept across overwrites"

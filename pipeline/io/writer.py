@@ -154,17 +154,42 @@ def publish(
             if fs.exists(old):
                 _rename_dir(fs, old, location.path)  # roll back: the previous output stays as it was
             raise
-        old_runs = posixpath.join(old, RUNS)
-        if fs.exists(old_runs):
-            fs.makedirs(posixpath.join(location.path, RUNS), exist_ok=True)
-            for past in fs.ls(old_runs):  # the history of runs outlives the data it described
-                fs.mv(past, posixpath.join(location.path, RUNS, posixpath.basename(past)))
+        history = _move_runs(fs, posixpath.join(old, RUNS), posixpath.join(location.path, RUNS))
+        try:
+            _mark_success(location, run_id, summary, before_success)
+        except Exception:
+            # Roll back: the previous output returns whole, the new one goes back to staging, where a
+            # resume commits it; the old output is deleted only once the new one has its _SUCCESS.
+            _move_runs(fs, posixpath.join(location.path, RUNS), posixpath.join(old, RUNS), history)
+            _rename_dir(fs, location.path, location.staging)
+            if fs.exists(old):
+                _rename_dir(fs, old, location.path)
+            raise
         if fs.exists(old):
             fs.rm(old, recursive=True)
+        return
+    _mark_success(location, run_id, summary, before_success)
+
+
+def _move_runs(fs, src: str, dst: str, names: list[str] | None = None) -> list[str]:
+    """Move the run summaries in ``src`` (only ``names``, if given) to ``dst``; returns their names. The
+    history of runs outlives the data it described."""
+    if names is None:
+        names = [posixpath.basename(p) for p in fs.ls(src)] if fs.exists(src) else []
+    if names:
+        fs.makedirs(dst, exist_ok=True)
+    for name in names:
+        fs.mv(posixpath.join(src, name), posixpath.join(dst, name))
+    return names
+
+
+def _mark_success(
+    location: OutputLocation, run_id: str, summary: dict[str, Any], before_success: Callable[[], None] | None
+) -> None:
     if before_success:
         before_success()
-    write_json(fs, posixpath.join(location.path, RUNS, f"{run_id}.json"), summary)
-    write_text(fs, posixpath.join(location.path, SUCCESS), run_id + "\n")
+    write_json(location.fs, posixpath.join(location.path, RUNS, f"{run_id}.json"), summary)
+    write_text(location.fs, posixpath.join(location.path, SUCCESS), run_id + "\n")
 
 
 def run_prefix(run_id: str) -> str:
