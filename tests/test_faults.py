@@ -180,10 +180,20 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_failed_overwrite_keeps_the_previous_output(reference, fault_corpus, models, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("small_corpus")
+    texts = make_texts(48, seed=8, max_words=60)
+    write_shards(folder, [{"id": f"m{i:03d}", "text": t} for i, t in enumerate(texts)], 2, 1)
+    return folder
+
+
+def test_failed_overwrite_keeps_the_previous_output(ray_session, small_corpus, models, tmp_path, monkeypatch):
+    """The rename commit; the first, uninterrupted run is the reference."""
     out = tmp_path / "out"
-    execute(_config(fault_corpus[0], out, models))
-    before = _snapshot(out)
+    execute(_config(small_corpus, out, models))
+    before, reference = _snapshot(out), read_output(out)
+    assert len(reference) == 48
     real_rename = writer._rename_dir
 
     def failing_rename(fs, src, dst):
@@ -193,7 +203,7 @@ def test_failed_overwrite_keeps_the_previous_output(reference, fault_corpus, mod
 
     monkeypatch.setattr(writer, "_rename_dir", failing_rename)
     with pytest.raises(OSError, match="injected"):
-        execute(_config(fault_corpus[0], out, models, mode="overwrite"))
+        execute(_config(small_corpus, out, models, mode="overwrite"))
     assert _snapshot(out) == before
     assert read_output(out) == reference
     monkeypatch.setattr(writer, "_rename_dir", real_rename)
@@ -201,21 +211,13 @@ def test_failed_overwrite_keeps_the_previous_output(reference, fault_corpus, mod
     location = OutputLocation.from_url(str(out), {})
     refused = refuse_writes(monkeypatch, type(location.fs), writer.SUCCESS)
     with pytest.raises(OSError, match="injected"):
-        execute(_config(fault_corpus[0], out, models, mode="overwrite"))
+        execute(_config(small_corpus, out, models, mode="overwrite"))
     assert refused, "the commit never wrote _SUCCESS"
     assert _snapshot(out) == before
     monkeypatch.undo()
-    execute(_config(fault_corpus[0], out, models, mode="overwrite"))
+    execute(_config(small_corpus, out, models, mode="overwrite"))
     assert read_output(out) == reference
     assert len(list((out / "_runs").glob("*.json"))) == 2, "the run history is kept across overwrites"
-
-
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("small_corpus")
-    texts = make_texts(48, seed=8, max_words=60)
-    write_shards(folder, [{"id": f"m{i:03d}", "text": t} for i, t in enumerate(texts)], 2, 1)
-    return folder
 
 
 def test_failed_manifest_commit_keeps_the_previous_output_and_resume_finishes_it(
