@@ -24,6 +24,7 @@ from bertpipe.io.state import Intent, Ledger, OutputLock, check_lock, config_fin
 from bertpipe.io.writer import (
     OutputLocation,
     WriteStats,
+    arrow_filesystem,
     data_files,
     publish,
     publish_in_place,
@@ -192,7 +193,8 @@ class ParquetTarget:
         files = self.listing = data_files(location.fs, folder)
         if self.in_place:  # the output may hold other runs' files
             files = [f for f in files if f.rsplit("/", 1)[-1].startswith(run_prefix(run_id))]
-        stats = staged_stats(location.fs, files, p.id_column, p.derive_id is not None, p.rows_in)
+        fs = arrow_filesystem(location.fs)
+        stats = staged_stats(fs, files, p.id_column, p.derive_id is not None, p.rows_in)
         verify_counts(p, stats)
         return stats
 
@@ -297,7 +299,8 @@ class TableTarget:
             location.fs.rm(location.checkpoint, recursive=True)
         write_staged_parquet(build, location, [], location.staging, run_prefix(run_id))
         files = data_files(location.fs, location.staging)
-        stats = staged_stats(location.fs, files, id_column, p.derive_id is not None, p.rows_in)
+        fs = arrow_filesystem(location.fs)
+        stats = staged_stats(fs, files, id_column, p.derive_id is not None, p.rows_in)
         self.verify(p, stats)
         if stats.duplicate_ids:
             raise ConfigError(

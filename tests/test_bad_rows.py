@@ -315,7 +315,7 @@ def test_categorical_text_column_is_text():
 def test_counts_in_the_driver_equal_the_distributed_counts(ray_session, tmp_path):
     """Small outputs are counted in the driver, big ones by Ray Data aggregations: the same figures for
     staged files with repeated keys and ids, null ids and error rows (Python's Counter is the reference)."""
-    import fsspec
+    from pyarrow import fs as pafs
 
     from bertpipe.engine.data import SMALL_OUTPUT_ROWS, staged_stats
 
@@ -333,7 +333,7 @@ def test_counts_in_the_driver_equal_the_distributed_counts(ray_session, tmp_path
         pq.write_table(pa.Table.from_pylist(rows[part::4]), files[-1])
     ids = [r["id"] for r in rows if r["id"] is not None]
     expected = (200, 170, dict(Counter(r[C.ERROR] for r in rows if r[C.ERROR])), 4, len(ids) - len(set(ids)))
-    fs = fsspec.filesystem("file")
+    fs = pafs.LocalFileSystem()
     for hint in (len(rows), SMALL_OUTPUT_ROWS + 1):
         stats = staged_stats(fs, files, "id", False, rows_hint=hint)
         assert (

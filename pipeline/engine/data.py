@@ -352,18 +352,21 @@ def write_staged_parquet(
 SMALL_OUTPUT_ROWS = 100_000
 
 
-def staged_stats(fs, files: list[str], id_column: str, id_is_row_key: bool, rows_hint: int) -> WriteStats:
+def staged_stats(
+    fs: pa.fs.FileSystem, files: list[str], id_column: str, id_is_row_key: bool, rows_hint: int
+) -> WriteStats:
     """Count what was staged as distributed work, so that the driver holds totals only: rows and
     ``_error`` reasons per block, duplicate ``_row_key`` and id values by Ray Data hash aggregations over
     those columns alone (no other column is read). A derived id is the row key, so it is not checked
-    twice. Up to ``SMALL_OUTPUT_ROWS`` rows the driver reads those columns itself (a few MB at most):
-    three Ray Data executions cost tens of seconds on a small machine, far more than such a job."""
+    twice. ``fs``: a pyarrow filesystem (the output's, or a table's own). Up to ``SMALL_OUTPUT_ROWS``
+    rows the driver reads those columns itself (a few MB at most): three Ray Data executions cost tens
+    of seconds on a small machine, far more than such a job."""
     if not files:
         return WriteStats(0, 0, {}, 0, 0)
     columns = [C.ROW_KEY, C.ERROR] + ([] if id_is_row_key else [id_column])
     if rows_hint <= SMALL_OUTPUT_ROWS:
         return _stats_in_driver(fs, files, columns)
-    ds = ray.data.read_parquet(files, filesystem=arrow_filesystem(fs), columns=columns, partitioning=None)
+    ds = ray.data.read_parquet(files, filesystem=fs, columns=columns, partitioning=None)
     tallies = ds.map_batches(_tally_errors, batch_format="pyarrow", batch_size=None).take_all()
     rows = sum(t["rows"] for t in tallies)
     reasons: Counter = Counter()
@@ -375,13 +378,10 @@ def staged_stats(fs, files: list[str], id_column: str, id_is_row_key: bool, rows
     return WriteStats(rows, rows - surplus_keys, dict(reasons), len(files), surplus_ids)
 
 
-def _stats_in_driver(fs, files: list[str], columns: list[str]) -> WriteStats:
+def _stats_in_driver(fs: pa.fs.FileSystem, files: list[str], columns: list[str]) -> WriteStats:
     import pyarrow.parquet as pq
 
-    tables = []
-    for path in files:
-        with fs.open(path, "rb") as fh:
-            tables.append(pq.read_table(fh, columns=columns, partitioning=None))
+    tables = [pq.read_table(path, filesystem=fs, columns=columns, partitioning=None) for path in files]
     table = pa.concat_tables(tables, promote_options="permissive")
     reasons = json.loads(_tally_errors(table).column("errors")[0].as_py())
 
@@ -523,13 +523,10 @@ class CheckedSink(Datasink):
         return _Written(inner, rows, path if writer is not None else None)
 
     def on_write_complete(self, write_result: WriteResult) -> None:
-        from fsspec.implementations.arrow import ArrowFSWrapper
-
         written = [w for w in write_result.write_returns if w is not None]
         counts = [w.counts for w in written if w.counts is not None]
         rows = sum(w.rows for w in written)
-        fs = ArrowFSWrapper(self.scratch[0])
-        counted = staged_stats(fs, counts, self.id_column, self.id_is_row_key, rows)
+        counted = staged_stats(self.scratch[0], counts, self.id_column, self.id_is_row_key, rows)
         stats = replace(counted, files=sum(self.files(w.inner) for w in written))
         self._drop_scratch()
         self.before_commit(stats)

@@ -38,12 +38,7 @@ RUNS = "_runs"
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pa.fs.FileSystem:
-    """A pyarrow filesystem for Ray's readers and writers; the local disk gets Arrow's native one, and
-    a pyarrow filesystem wrapped for fsspec (a table's scratch folder) is unwrapped."""
-    from fsspec.implementations.arrow import ArrowFSWrapper
-
-    if isinstance(fs, ArrowFSWrapper):
-        return fs.fs
+    """A pyarrow filesystem for Ray's readers and writers; the local disk gets Arrow's native one."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if protocol in ("file", "local"):
         return pa.fs.LocalFileSystem()
