@@ -37,10 +37,15 @@ SUCCESS = "_SUCCESS"
 RUNS = "_runs"
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` is the local disk (renames are atomic there), not an object store."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pa.fs.FileSystem:
     """A pyarrow filesystem for Ray's readers and writers; the local disk gets Arrow's native one."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
+    if is_local(fs):
         return pa.fs.LocalFileSystem()
     return pa.fs.PyFileSystem(pa.fs.FSSpecHandler(fs))
 
@@ -61,8 +66,7 @@ class OutputLocation:
             # listing here (or in the filesystem handed to Ray) would miss or resurrect files.
             fs = type(fs)(**{**fs.storage_options, "use_listings_cache": False})
         path = path.rstrip("/")
-        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        if protocol not in ("file", "local") and "/" not in path:
+        if not is_local(fs) and "/" not in path:
             # staging, checkpoint and lock live beside the output, so it needs a parent folder
             raise ConfigError(f"output.path must be a folder inside a bucket or a directory, not {url!r}")
         return cls(fs, path)
@@ -81,8 +85,7 @@ class OutputLocation:
 
     @property
     def object_store(self) -> bool:
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return protocol not in ("file", "local")
+        return not is_local(self.fs)
 
     def has_data(self) -> bool:
         return self.fs.exists(self.path) and bool(self.fs.ls(self.path))
@@ -265,10 +268,7 @@ def committed_files(location: OutputLocation) -> list[str]:
 
 
 def _rename_dir(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        import os
-
+    if is_local(fs):
         os.makedirs(posixpath.dirname(dst) or "/", exist_ok=True)
         os.replace(src, dst)  # one atomic rename on a local disk
     else:
@@ -290,8 +290,7 @@ def write_text(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
     trust, so a failed write (a full disk, a killed driver) must leave the previous version. An object
     store's PUT is all or nothing; a local file opened for writing is emptied at once, so the text goes
     to a hidden file beside it that is renamed over it."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol not in ("file", "local"):
+    if not is_local(fs):
         with fs.open(path, "w") as fh:  # one PUT, when the file is closed
             fh.write(text)
         return
