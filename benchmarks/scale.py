@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.corpus import sentence_pool  # noqa: E402
 from benchmarks.models import build_models  # noqa: E402
 
+CORES = os.cpu_count() or 1
 TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128}
 MAX_WORDS = 30
 
@@ -87,7 +88,11 @@ def job(work: Path, name: str, source: Path, models: dict[str, Path]) -> Path:
             {"name": "sentiment", "kind": "sentiment", "model": str(models["sentiment"])},
             {"name": "entities", "kind": "ner", "model": str(models["ner"])},
         ],
-        "runtime": {"dtype": "float32", "max_length": 64},
+        # A model this small runs faster as one single-threaded actor per core than as one actor using
+        # every core (its operations are too small to split across threads); a MiniLM-sized model is the
+        # other way round (benchmarks/README.md, "Pool shape"). Half a CPU each leaves the rest to the
+        # reader, tokeniser and writer.
+        "runtime": {"max_length": 64, "actors": CORES, "threads_per_actor": 1, "cpus_per_actor": 0.5},
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -76,13 +76,24 @@ def preflight_tokens(p: Plan, limit: int = 256) -> int:
     return round(sum(counts) / max(len(counts), 1) * p.rows_in / max(table.num_rows, 1))
 
 
-def compile_decision(setting: str, tokens: int | None) -> tuple[bool, str]:
+def compile_decision(setting: str, tokens: int | None, device: str = "cpu") -> tuple[bool, str]:
     """Whether to compile the models for ``runtime.compile`` (``auto``: from the job's estimated tokens
-    per model, None when unknown) and why, for the log."""
+    per model, None when unknown, and on CPU from the CPU) and why, for the log.
+
+    ``auto`` leaves CPU models eager on a CPU without AMX: there compiled all-MiniLM-L6-v2 ran no faster
+    than eager bf16 (benchmarks/README.md, "The compiled model stage"), so the compile was start-up only.
+    The CPU is the driver's; on a cluster whose workers differ from it, set ``on`` or ``off``."""
+    from bertpipe.models.loading import cpu_flags
+
     if setting != "auto":
         return setting == "on", f"runtime.compile: {setting}"
     if tokens is None:
         return False, "runtime.compile: auto, the job's size is not known beforehand: not compiling"
+    if device == "cpu" and "amx_bf16" not in cpu_flags():
+        return False, (
+            "runtime.compile: auto, this CPU has no AMX, where compiled models measured no faster than "
+            "eager bf16: not compiling"
+        )
     if tokens >= COMPILE_MIN_TOKENS:
         return True, (
             f"runtime.compile: auto, about {tokens:,} tokens per model pay back the compile "

@@ -25,6 +25,7 @@ from bertpipe.io.writer import (
     OutputLocation,
     WriteStats,
     arrow_filesystem,
+    committed_runs,
     data_files,
     publish,
     publish_in_place,
@@ -158,7 +159,10 @@ class ParquetTarget:
         """Incremental runs process only new or changed input files."""
         if self.publish_mode != "incremental":
             return p
-        self.ledger = Ledger.load(self.location)
+        # In place, only the runs _SUCCESS names hold data; a renamed output's files are in place before
+        # its ledger part is written.
+        committed = set(committed_runs(self.location)) if self.in_place else None
+        self.ledger = Ledger.load(self.location, committed)
         return p.only(self.ledger.changed(p.good_shards))
 
     @contextmanager
@@ -365,13 +369,13 @@ def execute(
     if not p.shards:
         log.info("incremental: no new or changed input files; nothing written")
         return nothing_to_do(run_id)
-    compiled = decide_compile(p)
     timings = {"preflight_s": time.time() - started}
     with target.writing(run_id, started):
         connect(
             config.runtime.address, local_cpus=config.runtime.local_cpus, local_gpus=config.runtime.local_gpus
         )
         device = resolve_device(config.runtime.device)
+        compiled = decide_compile(p, device)
         quiet_ray_data(quiet)
         feed = ProgressFeed(p.rows_in)
         try:
@@ -392,13 +396,13 @@ def execute(
     return summary
 
 
-def decide_compile(p: Plan) -> bool:
-    """``runtime.compile``, with ``auto`` decided from the pre-flight row count and the first rows' text
-    lengths; the reason goes to the log."""
+def decide_compile(p: Plan, device: str) -> bool:
+    """``runtime.compile``, with ``auto`` decided from the device, the pre-flight row count and the first
+    rows' text lengths; the reason goes to the log."""
     from bertpipe.estimate import compile_decision, preflight_tokens
 
     setting = p.config.runtime.compile
-    compiled, reason = compile_decision(setting, preflight_tokens(p) if setting == "auto" else None)
+    compiled, reason = compile_decision(setting, preflight_tokens(p) if setting == "auto" else None, device)
     log.info("%s", reason)
     return compiled
 

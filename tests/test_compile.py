@@ -15,6 +15,7 @@ from transformers import pipeline as hf_pipeline
 
 from bertpipe import columns as C
 from bertpipe.config import JobConfig, RuntimeConfig
+from bertpipe.models import loading
 from bertpipe.plan import plan, plan_models
 from bertpipe.runner import decide_compile
 from bertpipe.stages.infer import WARM_UP_SHAPES, InferStage
@@ -120,11 +121,23 @@ def _job(tmp_path: Path, models, rows: int, chars: int) -> JobConfig:
     return JobConfig.model_validate(base_config(tmp_path / "in", tmp_path / "out", models))
 
 
-def test_auto_leaves_a_small_job_eager_and_says_why(tmp_path, models, pipeline_log):
-    assert decide_compile(plan(_job(tmp_path, models, 20, 300))) is False
+def test_auto_leaves_a_small_job_eager_and_says_why(tmp_path, models, pipeline_log, monkeypatch):
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert decide_compile(plan(_job(tmp_path, models, 20, 300)), "cpu") is False
     assert "too few to pay back a compile" in pipeline_log.text
 
 
-def test_auto_compiles_a_job_of_many_tokens(tmp_path, models, pipeline_log):
-    assert decide_compile(plan(_job(tmp_path, models, 10_000, 600))) is True
+def test_auto_compiles_a_job_of_many_tokens(tmp_path, models, pipeline_log, monkeypatch):
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert decide_compile(plan(_job(tmp_path, models, 10_000, 600)), "cpu") is True
     assert "pay back the compile" in pipeline_log.text
+
+
+def test_auto_leaves_cpu_models_eager_without_amx_but_compiles_for_a_gpu(
+    tmp_path, models, pipeline_log, monkeypatch
+):
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    job = plan(_job(tmp_path, models, 10_000, 600))
+    assert decide_compile(job, "cpu") is False
+    assert "no AMX" in pipeline_log.text
+    assert decide_compile(job, "cuda") is True

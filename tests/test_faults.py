@@ -295,6 +295,36 @@ def test_incremental_processes_only_new_files(ray_session, models, tmp_path):
     assert [pq.read_table(p).num_rows for p in parts] == [2, 1], "each run appends only its own files"
 
 
+def test_an_incremental_run_that_failed_at_its_commit_is_not_skipped_by_its_resume(
+    ray_session, models, tmp_path, monkeypatch
+):
+    """``commit: manifest`` writes the ledger part before ``_SUCCESS``. A run that fails at ``_SUCCESS``
+    leaves a part naming its new file; its resume must still process that file and commit its rows,
+    once, and the ledger must not count a run that ``_SUCCESS`` does not name."""
+    input_dir, out = tmp_path / "in", tmp_path / "out"
+    first = [{"id": f"a{i}", "text": t} for i, t in enumerate(make_texts(20, seed=1, max_words=30))]
+    write_shards(input_dir, first, n_parquet=1, n_jsonl=0)
+    location = OutputLocation.from_url(str(out), {})
+
+    def job(mode: str) -> JobConfig:
+        return _config(input_dir, out, models, mode=mode, commit="manifest")
+
+    execute(job("incremental"))
+    second = [{"id": f"b{i}", "text": t} for i, t in enumerate(make_texts(12, seed=2, max_words=30))]
+    write_shards(input_dir / "more", second, n_parquet=1, n_jsonl=0)
+    refused = refuse_writes(monkeypatch, type(location.fs), writer.SUCCESS)
+    with pytest.raises(OSError, match="injected"):
+        execute(job("incremental"))
+    assert refused, "the commit never wrote _SUCCESS"
+    assert len(sorted((out / "_state" / "ledger").iterdir())) == 2, "the failed run wrote its ledger part"
+    assert [r["id"] for r in committed_rows(location)] == sorted(r["id"] for r in first)
+
+    monkeypatch.undo()
+    summary = execute(job("resume"))
+    assert summary["rows_in"] == len(second)
+    assert [r["id"] for r in committed_rows(location)] == sorted(r["id"] for r in first + second)
+
+
 def test_the_ledger_takes_one_generation_per_run_and_reads_the_legacy_document(tmp_path):
     """Two runs that loaded the same generation: the first to commit wins, the second fails instead of
     losing the first one's files. A ``ledger.json`` written by an older release is kept as the base."""

@@ -349,7 +349,11 @@ def write_staged_parquet(
         context.checkpoint_config = None  # the process may run other jobs (tests, notebooks)
 
 
-SMALL_OUTPUT_ROWS = 100_000
+# Up to this many rows the driver counts the staged files itself. Measured (2 cores, local disk): 200k rows
+# in 0.3 s, 2M rows in 4.4 s with ~350 bytes per row of transient peak memory (the key strings and their
+# hash table); the three Ray Data executions of the distributed count took 21 s for 200k rows. So the
+# driver's transient share stays under ~175 MB, and only jobs that take minutes pay the distributed count.
+SMALL_OUTPUT_ROWS = 500_000
 
 
 def staged_stats(
@@ -359,8 +363,8 @@ def staged_stats(
     ``_error`` reasons per block, duplicate ``_row_key`` and id values by Ray Data hash aggregations over
     those columns alone (no other column is read). A derived id is the row key, so it is not checked
     twice. ``fs``: a pyarrow filesystem (the output's, or a table's own). Up to ``SMALL_OUTPUT_ROWS``
-    rows the driver reads those columns itself (a few MB at most): three Ray Data executions cost tens
-    of seconds on a small machine, far more than such a job."""
+    rows the driver reads those columns itself: three Ray Data executions cost tens of seconds on a
+    small machine, far more than reading them."""
     if not files:
         return WriteStats(0, 0, {}, 0, 0)
     columns = [C.ROW_KEY, C.ERROR] + ([] if id_is_row_key else [id_column])

@@ -276,13 +276,23 @@ def load_model(task: TaskBase, source: str):
     return model.eval()
 
 
+def cpu_flags() -> set[str]:
+    """This machine's CPU feature flags (empty where /proc/cpuinfo is not there)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {
+        flag
+        for line in info.splitlines()
+        if line.startswith("flags")
+        for flag in line.split(":", 1)[1].split()
+    }
+
+
 def cpu_supports_bf16() -> bool:
     """AMX or AVX512-BF16 make bf16 matmuls several times faster than fp32 on CPU."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def shipped_encoder_dir() -> Path:
