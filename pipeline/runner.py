@@ -159,10 +159,13 @@ class ParquetTarget:
         """Incremental runs process only new or changed input files."""
         if self.publish_mode != "incremental":
             return p
-        # In place, only the runs _SUCCESS names hold data; a renamed output's files are in place before
-        # its ledger part is written.
-        committed = set(committed_runs(self.location)) if self.in_place else None
-        self.ledger = Ledger.load(self.location, committed)
+        # A run interrupted at its commit (its intent is still there) may have written its ledger part
+        # without its _SUCCESS: that part counts only if _SUCCESS names the run.
+        interrupted = self.intent or Intent.load(self.location)
+        uncommitted = interrupted.run_id if interrupted else None
+        if uncommitted in committed_runs(self.location):
+            uncommitted = None
+        self.ledger = Ledger.load(self.location, uncommitted)
         return p.only(self.ledger.changed(p.good_shards))
 
     @contextmanager

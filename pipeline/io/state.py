@@ -177,18 +177,18 @@ class Ledger:
         self.generation = generation
 
     @classmethod
-    def load(cls, location: OutputLocation, committed: set[str] | None = None) -> Ledger:
-        """``committed``: the runs whose parts count (None: every part). An output committed in place
-        records its ledger part before its ``_SUCCESS``; a run that fails or is killed in between must
-        not make the next run (or its own resume) skip its files, whose data no reader sees and the
-        next commit deletes. The generation is still the highest part, counted or not."""
+    def load(cls, location: OutputLocation, uncommitted: str | None = None) -> Ledger:
+        """``uncommitted``: a run whose part does not count. An output committed in place records its
+        ledger part before its ``_SUCCESS``; a run that fails or is killed in between must not make the
+        next run (or its own resume) skip its files, whose data no reader sees and the next commit
+        deletes. The generation is still the highest part, counted or not."""
         fs = location.fs
         files = (_read_json(fs, posixpath.join(location.path, LEGACY_LEDGER)) or {}).get("files", {})
         parts = _ledger_parts(location)
         for _, path in parts:
             with fs.open(path, "rb") as fh:
                 for row in pq.read_table(fh, schema=cls.SCHEMA).to_pylist():
-                    if committed is None or row["run_id"] in committed:
+                    if row["run_id"] != uncommitted:
                         files[row.pop("url")] = row
         return cls(files, parts[-1][0] if parts else 0)
 
