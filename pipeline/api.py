@@ -100,7 +100,7 @@ def label(
         ds = data.map_batches(
             TextColumn(text_column, id_column, models), batch_format="pyarrow", batch_size=None, num_cpus=0.25
         )
-        compiled, reason = compile_decision(rt.compile, None, device)
+        compiled, reason = compile_decision(rt.compile, lambda: None, device)
         log.info("%s", reason)
         return label_stages(ds, models, rt, TEXT, None, device, compiled=compiled)
 
@@ -121,7 +121,10 @@ def label(
     if rows.num_rows:
         blocks = [rows.slice(i, rt.rows_per_block) for i in range(0, rows.num_rows, rt.rows_per_block)]
         windows = [not mt.first_window_only for mt in models.model_tasks]
-        tokens = sum(text_tokens(rows.column(TEXT), rt.max_length, w) for w in windows) // len(windows)
+
+        def tokens() -> int:
+            return sum(text_tokens(rows.column(TEXT), rt.max_length, w) for w in windows) // len(windows)
+
         compiled, reason = compile_decision(rt.compile, tokens, device)
         log.info("%s", reason)
         labelled = collect(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -76,9 +77,10 @@ def preflight_tokens(p: Plan, limit: int = 256) -> int:
     return round(sum(counts) / max(len(counts), 1) * p.rows_in / max(table.num_rows, 1))
 
 
-def compile_decision(setting: str, tokens: int | None, device: str = "cpu") -> tuple[bool, str]:
-    """Whether to compile the models for ``runtime.compile`` (``auto``: from the job's estimated tokens
-    per model, None when unknown, and on CPU from the CPU) and why, for the log.
+def compile_decision(setting: str, tokens: Callable[[], int | None], device: str = "cpu") -> tuple[bool, str]:
+    """Whether to compile the models for ``runtime.compile`` and why, for the log. ``auto`` decides from
+    the CPU, then from ``tokens()``, the job's estimated tokens per model (None when unknown), which is
+    only counted when the CPU does not decide already (the runner reads the first rows for it).
 
     ``auto`` leaves CPU models eager on a CPU without AMX: there compiled all-MiniLM-L6-v2 ran no faster
     than eager bf16 (benchmarks/README.md, "The compiled model stage"), so the compile was start-up only.
@@ -87,13 +89,14 @@ def compile_decision(setting: str, tokens: int | None, device: str = "cpu") -> t
 
     if setting != "auto":
         return setting == "on", f"runtime.compile: {setting}"
-    if tokens is None:
-        return False, "runtime.compile: auto, the job's size is not known beforehand: not compiling"
     if device == "cpu" and "amx_bf16" not in cpu_flags():
         return False, (
             "runtime.compile: auto, this CPU has no AMX, where compiled models measured no faster than "
             "eager bf16: not compiling"
         )
+    tokens = tokens()
+    if tokens is None:
+        return False, "runtime.compile: auto, the job's size is not known beforehand: not compiling"
     if tokens >= COMPILE_MIN_TOKENS:
         return True, (
             f"runtime.compile: auto, about {tokens:,} tokens per model pay back the compile "

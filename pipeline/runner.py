@@ -162,9 +162,9 @@ class ParquetTarget:
         # A run interrupted at its commit (its intent is still there) may have written its ledger part
         # without its _SUCCESS: that part counts only if _SUCCESS names the run.
         interrupted = self.intent or Intent.load(self.location)
-        uncommitted = interrupted.run_id if interrupted else None
-        if uncommitted in committed_runs(self.location):
-            uncommitted = None
+        uncommitted = None
+        if interrupted and interrupted.run_id not in committed_runs(self.location):
+            uncommitted = interrupted.run_id
         self.ledger = Ledger.load(self.location, uncommitted)
         return p.only(self.ledger.changed(p.good_shards))
 
@@ -404,8 +404,7 @@ def decide_compile(p: Plan, device: str) -> bool:
     rows' text lengths; the reason goes to the log."""
     from bertpipe.estimate import compile_decision, preflight_tokens
 
-    setting = p.config.runtime.compile
-    compiled, reason = compile_decision(setting, preflight_tokens(p) if setting == "auto" else None, device)
+    compiled, reason = compile_decision(p.config.runtime.compile, lambda: preflight_tokens(p), device)
     log.info("%s", reason)
     return compiled
 
