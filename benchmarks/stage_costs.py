@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--block", type=int, default=512, help="rows per block (runtime.rows_per_block)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model stage")
+    parser.add_argument("--dtype", default="float32", help="runtime.dtype of the model stage")
     parser.add_argument("--profile", choices=STAGES, help="print cProfile's top functions of this stage")
     parser.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "work-scale")
     return parser.parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tasks = [model_task("sentiment", "sentiment"), model_task("ner", "ner")]
     runtime = RuntimeConfig(
-        dtype="float32", max_length=64, precision_check_rows=0, threads_per_actor=args.threads
+        dtype=args.dtype, max_length=64, precision_check_rows=0, threads_per_actor=args.threads
     )
     group = TokenizerGroup(tasks[0].group, tasks[0].info.source, None, False, all_windows=True, offsets=True)
     stages = {
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 block = timed(name, stage, block)
             timed("write", pq.write_table, block, io.BytesIO())
             rows += block.num_rows
-    print(f"{rows} rows, {args.block}-row blocks, {args.threads} torch thread(s)")
+    print(f"{rows} rows, {args.block}-row blocks, {args.threads} torch thread(s), {args.dtype}")
     for stage, seconds in cost.items():
         print(f"{stage:12s} {seconds:7.2f} s CPU {1e6 * seconds / rows:8.1f} us/row")
     total = sum(cost.values())

@@ -181,6 +181,7 @@ def sentiment_trained() -> set[str]:
         ("heldout_sentiment_c.jsonl", 60, 3, SENTIMENT_LABELS),
         ("heldout_sentiment_d.jsonl", 100, 10, DEMO_SENTIMENT_LABELS),
         ("heldout_sentiment_e.jsonl", 100, 10, DEMO_SENTIMENT_LABELS),
+        ("heldout_sentiment_f.jsonl", 120, 10, DEMO_SENTIMENT_LABELS),
     ],
 )
 def test_heldout_sentiment_files(sentiment_trained, name, size, hard_cases, labels):
