@@ -4,10 +4,10 @@
 
 Sentiment: accuracy on six sets (A, B, C: positive/negative reviews; D, E and F: positive, negative and
 neutral reviews and factual sentences, each written after the demo's hand-written training text of its
-time; F after all of it, by a writer who did not read it), and on all of them together. NER: entity-level precision, recall and F1 on two sets, where an
-entity counts when its type, start and end match exactly, with the word-level aggregation the demo uses
-(``first``). Uses ``transformers.pipeline`` directly, so the figures don't depend on bertpipe's own
-batching.
+time; F after all of it, by a writer who did not read it), and on all of them together. NER:
+entity-level precision, recall and F1 on two sets, where an entity counts when its type, start and end
+match exactly, with the word-level aggregation the demo uses (``first``). Uses ``transformers.pipeline``
+directly, so the figures don't depend on bertpipe's own batching.
 """
 
 from __future__ import annotations
