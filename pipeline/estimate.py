@@ -82,8 +82,9 @@ def compile_decision(setting: str, tokens: Callable[[], int | None], device: str
     the CPU, then from ``tokens()``, the job's estimated tokens per model (None when unknown), which is
     only counted when the CPU does not decide already (the runner reads the first rows for it).
 
-    ``auto`` leaves CPU models eager on a CPU without AMX: there compiled all-MiniLM-L6-v2 ran no faster
-    than eager bf16 (benchmarks/README.md, "The compiled model stage"), so the compile was start-up only.
+    ``auto`` leaves CPU models eager on a CPU without AMX: there a compiled all-MiniLM-L6-v2 job ran slower
+    end to end than eager bf16 even without its compile time (benchmarks/README.md, "The compiled model
+    stage"), although on fixed batch shapes it was faster.
     The CPU is the driver's; on a cluster whose workers differ from it, set ``on`` or ``off``."""
     from bertpipe.models.loading import cpu_flags
 
@@ -91,19 +92,19 @@ def compile_decision(setting: str, tokens: Callable[[], int | None], device: str
         return setting == "on", f"runtime.compile: {setting}"
     if device == "cpu" and "amx_bf16" not in cpu_flags():
         return False, (
-            "runtime.compile: auto, this CPU has no AMX, where compiled models measured no faster than "
-            "eager bf16: not compiling"
+            "runtime.compile: auto, this CPU has no AMX, where compiled jobs measured no faster end to end "
+            "than eager bf16: not compiling"
         )
-    tokens = tokens()
-    if tokens is None:
+    count = tokens()
+    if count is None:
         return False, "runtime.compile: auto, the job's size is not known beforehand: not compiling"
-    if tokens >= COMPILE_MIN_TOKENS:
+    if count >= COMPILE_MIN_TOKENS:
         return True, (
-            f"runtime.compile: auto, about {tokens:,} tokens per model pay back the compile "
+            f"runtime.compile: auto, about {count:,} tokens per model pay back the compile "
             f"(from {COMPILE_MIN_TOKENS:,}): compiling"
         )
     return False, (
-        f"runtime.compile: auto, about {tokens:,} tokens per model are too few to pay back a compile "
+        f"runtime.compile: auto, about {count:,} tokens per model are too few to pay back a compile "
         f"(from {COMPILE_MIN_TOKENS:,}): not compiling"
     )
 
