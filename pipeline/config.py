@@ -195,7 +195,7 @@ class RuntimeConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantize: Literal["none", "int8"] = "none"
-    # torch.compile the models in each actor: ``auto`` when the job's tokens pay back the compile
+    # compile the models ahead of time (stages/compiled.py): ``auto`` when the job's tokens pay it back
     compile: Literal["auto", "on", "off"] = "auto"
     actors: int | tuple[int, int] = 1
     gpus_per_actor: float = Field(default=1, gt=0)

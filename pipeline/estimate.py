@@ -52,8 +52,9 @@ def sample_rows(p: Plan, limit: int) -> pa.Table:
 
 CHARS_PER_TOKEN = 4  # English WordPiece text, roughly: a cheap count, good enough to decide a compile
 # A compile pays back from about this many tokens per model. Measured on all-MiniLM-L6-v2 on a 2-core
-# AMX CPU: compiling took 29 s and saved about 15 us per token against eager bf16 (2M tokens), a second
-# run that finds the compiled graphs in the cache pays a few seconds (0.3M tokens); between the two.
+# AMX CPU: the compiled model saved about 15 us per token against eager bf16 and compiling took ~30 s
+# (2M tokens); a later run loads the cached package in a fraction of a second and gains from its first
+# token. The driver cannot tell which of the two a run will be, so the threshold lies between them.
 COMPILE_MIN_TOKENS = 1_000_000
 
 

@@ -1,5 +1,6 @@
-"""``runtime.compile``: compiled models label as the HF pipelines do, a compiler failure falls back to the
-eager models with one warning, and ``auto`` compiles only jobs large enough to pay the compile back."""
+"""``runtime.compile``: compiled models label as the HF pipelines do, a second start loads them from the
+cache without compiling, a compiler failure falls back to the eager models with one warning, and ``auto``
+compiles only jobs large enough to pay the compile back."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bertpipe.config import JobConfig, RuntimeConfig
 from bertpipe.models import loading
 from bertpipe.plan import plan, plan_models
 from bertpipe.runner import decide_compile
+from bertpipe.stages import compiled as compiled_models
 from bertpipe.stages.infer import WARM_UP_SHAPES, InferStage
 from bertpipe.stages.postprocess import PostprocessStage
 from bertpipe.stages.prepare import PrepareStage
@@ -50,13 +52,28 @@ def _stages(models, texts: list[str], **runtime) -> tuple[InferStage, list[dict]
     return infer, PostprocessStage(mp.model_tasks, "text")(infer(prepare(table))).to_pylist()
 
 
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "bertpipe" / "compiled"
+
+
+def _refuse_compiling(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled although the package was cached")
+
+    monkeypatch.setattr(compiled_models, "export_and_compile", refuse)
+
+
 @pytest.mark.slow
-def test_compiled_models_label_as_the_hf_pipelines(models, pipeline_log):
+def test_compiled_models_label_as_the_hf_pipelines_and_load_from_the_cache(
+    models, pipeline_log, empty_cache, monkeypatch
+):
     texts = make_texts(10, seed=41, max_words=300)  # windows past max_length, batches of several shapes
     infer, rows = _stages(models, texts, compile="on")
-    assert set(infer.eager) == {"sentiment", "entities"}  # still compiled: nothing fell back
-    assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in infer.models.values())
-    assert "compiled 2 model(s)" in pipeline_log.text
+    assert set(infer.compiled) == {"sentiment", "entities"}  # still compiled: nothing fell back
+    assert "compiled 2 model(s)" in pipeline_log.text and "(0 from the cache" in pipeline_log.text
+    assert len(list(empty_cache.glob("*.pt2"))) == 2  # one package per model, no partial one left
     sentiment = hf_pipeline("text-classification", model=str(models["sentiment"]))
     for row, exp in zip(rows, sentiment(texts, truncation=True, max_length=WINDOW), strict=True):
         assert row["sentiment_label"] == exp["label"].lower()
@@ -70,47 +87,55 @@ def test_compiled_models_label_as_the_hf_pipelines(models, pipeline_log):
         ]
         assert [e["score"] for e in row["entities"]] == pytest.approx([e["score"] for e in exp], abs=1e-4)
 
+    _refuse_compiling(monkeypatch)  # a second start (a later run) loads both packages
+    pipeline_log.clear()
+    again, rows_again = _stages(models, texts, compile="on")
+    assert set(again.compiled) == {"sentiment", "entities"}
+    assert "(2 from the cache" in pipeline_log.text
+    assert rows_again == rows
 
-def test_a_compiler_failure_falls_back_to_eager_with_one_warning(models, pipeline_log, monkeypatch):
-    def broken(model, **kwargs):
+
+def test_a_compiler_failure_falls_back_to_eager_with_one_warning(
+    models, pipeline_log, empty_cache, monkeypatch
+):
+    def broken(*args, **kwargs):
         raise RuntimeError("inductor: no C++ compiler\nmore lines")
 
     texts = make_texts(6, seed=43, max_words=200)
     _, eager = _stages(models, texts, compile="off")
-    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(compiled_models, "export_and_compile", broken)
     infer, rows = _stages(models, texts, compile="on")
     assert _warnings(pipeline_log) == [
-        "torch.compile failed (RuntimeError: inductor: no C++ compiler); running the models eager"
+        "compiling the models failed (RuntimeError: inductor: no C++ compiler); running them eager"
     ]
-    assert not infer.eager and rows == eager
+    assert not infer.compiled and rows == eager
+    assert not list(empty_cache.glob("*.pt2"))  # nothing half-made is left for the next run
 
 
 def test_a_compiled_model_failing_mid_run_hands_over_to_eager(models, pipeline_log, monkeypatch):
-    """A shape the compiled graph cannot run (after warm-up) reruns the batch eager, warning once."""
+    """A batch the compiled model cannot run (after the warm-up) reruns eager, warning once."""
+    calls = 0
 
-    class FailsAfterWarmUp(torch.nn.Module):
-        calls = 0
+    def fails_after_warm_up(forward, *args):
+        def run(**inputs):
+            nonlocal calls
+            calls += 1
+            if calls > 2 * len(WARM_UP_SHAPES):  # past both models' warm-up
+                raise RuntimeError("shape outside the compiled range")
+            with torch.inference_mode():
+                return forward(**inputs)
 
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-            self.config = model.config
-
-        def forward(self, **inputs):
-            FailsAfterWarmUp.calls += 1
-            if FailsAfterWarmUp.calls > 2 * len(WARM_UP_SHAPES):  # past both models' warm-up
-                raise RuntimeError("recompile failed")
-            return self.model(**inputs)
+        return run, False
 
     texts = make_texts(6, seed=47, max_words=200)
     _, eager = _stages(models, texts, compile="off")
-    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: FailsAfterWarmUp(model))
+    monkeypatch.setattr("bertpipe.stages.infer.load_or_compile", fails_after_warm_up)
     infer, rows = _stages(models, texts, compile="on")
     assert "compiled 2 model(s)" in pipeline_log.text  # the warm-up went through
     assert _warnings(pipeline_log) == [
-        "torch.compile failed (RuntimeError: recompile failed); running the models eager"
+        "compiling the models failed (RuntimeError: shape outside the compiled range); running them eager"
     ]
-    assert not infer.eager and rows == eager
+    assert not infer.compiled and rows == eager
 
 
 def _job(tmp_path: Path, models, rows: int, chars: int) -> JobConfig:

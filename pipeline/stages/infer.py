@@ -15,7 +15,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +26,7 @@ from bertpipe.config import RuntimeConfig
 from bertpipe.logs import configure_worker_logging
 from bertpipe.models.loading import load_model, resolve_device, resolve_dtype
 from bertpipe.plan import ModelTask
+from bertpipe.stages.compiled import ModelForward, compiled_cache_dir, load_or_compile, package_key
 from bertpipe.tasks import kind_of
 
 log = logging.getLogger(__name__)
@@ -124,31 +124,7 @@ def default_threads(runtime: RuntimeConfig) -> int:
     return max(1, (os.cpu_count() or 1) // pool)
 
 
-def inductor_cache_dir() -> Path:
-    """Where inductor keeps compiled graphs: under the user's cache, not inductor's folder in /tmp, so
-    that a second run on the machine finds them."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bertpipe" / "inductor"
-
-
 WARM_UP_SHAPES = ((2, 16), (1, 24))  # rows x tokens: any batch shape, then a batch of one row
-
-
-def compile_model(model: torch.nn.Module) -> torch.nn.Module:
-    """``torch.compile`` (inductor) with dynamic shapes, so batches of any rows x tokens share one graph,
-    and freezing, which folds the weights into the graph as constants (inference only)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    # Importing transformers already sets the variable to inductor's default; a user's own value stays.
-    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen is None or os.path.abspath(chosen) == os.path.abspath(default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
-    torch._inductor.config.freezing = True
-    # Prepacked (mkldnn) weights cannot be pickled, so inductor would bypass its FX graph cache and a
-    # second run would compile again; unpacked, the graphs are cached (benchmarks/compiled.py).
-    torch._inductor.config.cpp.weight_prepack = False
-    torch._inductor.config.fx_graph_cache = True
-    return torch.compile(model, dynamic=True)
 
 
 class InferStage:
@@ -195,7 +171,7 @@ class InferStage:
         self.tasks = {mt.task.name: mt for mt in model_tasks}
         self.pad_ids = {mt.task.name: self._pad_id(mt) for mt in model_tasks}
         self.unchecked = {mt.task.name for mt in model_tasks} if self.check_rows else set()
-        self.eager = {}  # the uncompiled models, the fallback of a compiled one that fails
+        self.compiled = {}  # name -> compiled forward; the eager models stay, the fallback of a failure
         if (runtime.compile == "on" if compiled is None else compiled) and not self.quantized:
             self._compile()
         log.info(
@@ -204,22 +180,32 @@ class InferStage:
             self.device,
             self.dtype,
             self.quantized,
-            bool(self.eager),
+            bool(self.compiled),
             threads,
             os.environ.get("OMP_WAIT_POLICY", "default"),
             worker_resources() if worker_resources else {},
         )
 
     def _compile(self) -> None:
-        """Compile every model and run it on a few shapes, so that no batch of the job waits for the
-        compiler; any failure leaves every model eager, with one warning."""
-        started = time.perf_counter()
+        """Load every model's compiled package (compiling the missing ones) and run it on a few shapes, so
+        that a broken package shows before the first block; any failure leaves every model eager, with
+        one warning."""
+        started, cached = time.perf_counter(), 0
         try:
             for name, model in self.models.items():
-                self.eager[name] = model
-                self.models[name] = compile_model(model)
                 mt = self.tasks[name]
                 pairs = kind_of(mt.task).own_tokens(mt.task)  # pair inputs come with token type ids
+                identity = {
+                    "weights": mt.info.weights_sha256,
+                    "config": model.config.to_diff_dict(),
+                    "kind": mt.task.kind,
+                    "details": mt.info.details,
+                }
+                key = package_key(identity, self.device, self.dtype, pairs)
+                forward = ModelForward(model, self._outputs(name), self.device, self.dtype)
+                longest = getattr(model.config, "max_position_embeddings", None) or 512
+                self.compiled[name], hit = load_or_compile(forward, key, self.device, pairs, longest)
+                cached += hit
                 for rows, tokens in WARM_UP_SHAPES:
                     seqs = [np.full(tokens, self.pad_ids[name] + 1, dtype=np.int64)] * rows
                     pair = [np.zeros(tokens, dtype=np.int64)] * rows if pairs else None
@@ -227,16 +213,21 @@ class InferStage:
         except Exception as exc:  # any compiler error: the eager models still work
             self._fall_back(exc)
             return
-        log.info("compiled %d model(s) in %.1f s", len(self.models), time.perf_counter() - started)
+        log.info(
+            "compiled %d model(s) in %.1f s (%d from the cache in %s)",
+            len(self.models),
+            time.perf_counter() - started,
+            cached,
+            compiled_cache_dir(),
+        )
 
     def _fall_back(self, exc: Exception) -> None:
         log.warning(
-            "torch.compile failed (%s: %s); running the models eager",
+            "compiling the models failed (%s: %s); running them eager",
             type(exc).__name__,
             str(exc).splitlines()[0] if str(exc) else "",
         )
-        self.models.update(self.eager)
-        self.eager = {}
+        self.compiled = {}
 
     def _pad_id(self, mt: ModelTask) -> int:
         pad = getattr(self.models[mt.task.name].config, "pad_token_id", None)
@@ -255,10 +246,12 @@ class InferStage:
         exact: bool = False,
         types: list[np.ndarray] | None = None,
         outputs: Callable | None = None,
+        compiled: bool = False,
     ) -> list[np.ndarray]:
         """What is kept of the model's output per sequence, padding removed: (labels,) or (tokens,
         labels). ``exact`` forces fp32; ``types`` are the token type ids of pair inputs; ``outputs(out,
-        attention_mask)`` is the task kind's ``model_outputs`` (default: the logits)."""
+        attention_mask)`` is the task kind's ``model_outputs`` (default: the logits); a ``compiled``
+        model runs its own autocast and returns what is kept (``stages/compiled.py``)."""
         width = max(len(s) for s in seqs)
         ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
         mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -275,9 +268,13 @@ class InferStage:
         if type_ids is not None:
             inputs["token_type_ids"] = torch.from_numpy(type_ids).to(self.device, non_blocking=True)
         precision = torch.autocast(self.device, enabled=False) if exact else self._autocast()
-        with torch.inference_mode(), precision:
-            out = model(**inputs)
-            kept = outputs(out, inputs["attention_mask"]) if outputs else out.logits
+        with torch.inference_mode():
+            if compiled:
+                kept = model(**inputs)
+            else:
+                with precision:
+                    out = model(**inputs)
+                    kept = outputs(out, inputs["attention_mask"]) if outputs else out.logits
         logits = kept.float().cpu().numpy()
         return [logits[i] if logits.ndim == 2 else logits[i, : len(s)] for i, s in enumerate(seqs)]
 
@@ -303,6 +300,8 @@ class InferStage:
             return self._run_batch(name, seqs[:half], first) + self._run_batch(name, seqs[half:], second)
 
     def _forward_task(self, name: str, seqs: list[np.ndarray], types: list[np.ndarray] | None):
+        if name in self.compiled:
+            return self._forward(self.compiled[name], self.pad_ids[name], seqs, types=types, compiled=True)
         return self._forward(
             self.models[name], self.pad_ids[name], seqs, types=types, outputs=self._outputs(name)
         )
@@ -315,7 +314,7 @@ class InferStage:
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:
-            if not self.eager:
+            if not self.compiled:
                 raise
             self._fall_back(exc)
             return call()
