@@ -116,7 +116,7 @@ def test_a_compiled_model_failing_mid_run_hands_over_to_eager(models, pipeline_l
     """A batch the compiled model cannot run (after the warm-up) reruns eager, warning once."""
     calls = 0
 
-    def fails_after_warm_up(forward, *args):
+    def fails_after_warm_up(forward, *args, wait=True):
         def run(**inputs):
             nonlocal calls
             calls += 1
@@ -136,6 +136,40 @@ def test_a_compiled_model_failing_mid_run_hands_over_to_eager(models, pipeline_l
         "compiling the models failed (RuntimeError: shape outside the compiled range); running them eager"
     ]
     assert not infer.compiled and rows == eager
+
+
+def test_actors_starting_together_share_out_the_models(models, pipeline_log, monkeypatch):
+    """While another actor holds the sentiment model's package lock, this one takes the NER model first,
+    then waits for the sentiment package instead of compiling it too."""
+    taken = []
+
+    def other_actor_compiles_sentiment(forward, key, *args, wait=True):
+        kind = "sentiment" if "Sequence" in type(forward.model).__name__ else "ner"
+        taken.append((kind, wait))
+        if kind == "sentiment" and not wait:
+            return None
+
+        def run(**inputs):
+            with torch.inference_mode():
+                return forward(**inputs)
+
+        return run, kind == "sentiment"  # the waited-for package comes from the other actor: a cache hit
+
+    monkeypatch.setattr("bertpipe.stages.infer.load_or_compile", other_actor_compiles_sentiment)
+    infer, _ = _stages(models, make_texts(2, seed=53, max_words=20), compile="on")
+    # NER taken at once; sentiment tried again once the NER model is done, then waited for
+    assert taken == [("sentiment", False), ("ner", False), ("sentiment", False), ("sentiment", True)]
+    assert set(infer.compiled) == {"sentiment", "entities"}
+    assert "compiled 2 model(s)" in pipeline_log.text and "(1 from the cache" in pipeline_log.text
+
+
+def test_a_package_being_compiled_elsewhere_is_not_waited_for_when_told_not_to(tmp_path, empty_cache):
+    """``wait=False`` returns at once while another process holds the package's lock."""
+    from filelock import FileLock
+
+    empty_cache.mkdir(parents=True)
+    with FileLock(str(empty_cache / "k.pt2.lock")):
+        assert compiled_models.load_or_compile(None, "k", "cpu", False, 512, wait=False) is None
 
 
 def _job(tmp_path: Path, models, rows: int, chars: int) -> JobConfig:

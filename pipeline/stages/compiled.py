@@ -5,8 +5,8 @@ Not ``torch.compile``: even with inductor's cache warm it traces the model again
 (TorchDynamo and AOTAutograd; the latter's cache is bypassed with freezing), 36-124 s for
 all-MiniLM-L6-v2 on 2 cores (benchmarks/README.md, "The compiled model stage"); a package skips all
 that. What a package holds depends on the weights, the task's outputs, the precision, the device and the
-torch build, so all of them are in its key; packages are written once under a file lock (actors of one
-pool starting together compile once) and renamed into place, so a reader never sees half of one.
+torch build, so all of them are in its key. A package is compiled once, under a file lock (actors of one
+pool starting together share out the models), and renamed into place, so a reader never sees half of one.
 """
 
 from __future__ import annotations
@@ -87,31 +87,43 @@ def export_and_compile(forward: ModelForward, example: dict[str, torch.Tensor], 
 
 
 def load_or_compile(
-    forward: ModelForward, key: str, device: str, pairs: bool, max_tokens: int
-) -> tuple[Callable, bool]:
+    forward: ModelForward, key: str, device: str, pairs: bool, max_tokens: int, wait: bool = True
+) -> tuple[Callable, bool] | None:
     """The compiled model of ``key`` (a callable of the model's inputs) and whether it came from the
-    cache. Compiles and stores it when missing; another process compiling the same key is waited for."""
-    from filelock import FileLock
+    cache. Compiles and stores it when missing; when another process is compiling it, waits for that
+    one, or returns None with ``wait`` False (the caller has other models to take meanwhile)."""
+    from filelock import FileLock, Timeout
 
     folder = compiled_cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key}.pt2"
-    with FileLock(str(path) + ".lock"):
-        cached = path.exists()
-        if not cached:
-            rows, tokens = EXAMPLE_SHAPE
-            example = {
-                "input_ids": torch.ones(rows, tokens, dtype=torch.long, device=device),
-                "attention_mask": torch.ones(rows, tokens, dtype=torch.long, device=device),
-            }
-            if pairs:
-                example["token_type_ids"] = torch.zeros(rows, tokens, dtype=torch.long, device=device)
-            partial = folder / f"{key}.{os.getpid()}.partial.pt2"
-            started = time.perf_counter()
-            try:
-                export_and_compile(forward, example, max_tokens, partial)
-                os.replace(partial, path)
-            finally:
-                partial.unlink(missing_ok=True)  # a failed compile leaves nothing for the next run
-            log.info("compiled package %s in %.1f s", path.name, time.perf_counter() - started)
+    cached = path.exists()  # a package appears whole (renamed into place), so no lock is needed to read it
+    if not cached:
+        try:
+            with FileLock(str(path) + ".lock", timeout=-1 if wait else 0):
+                cached = path.exists()
+                if not cached:
+                    _compile_package(forward, folder, key, device, pairs, max_tokens)
+        except Timeout:
+            return None
     return torch._inductor.aoti_load_package(str(path)), cached
+
+
+def _compile_package(
+    forward: ModelForward, folder: Path, key: str, device: str, pairs: bool, max_tokens: int
+) -> None:
+    rows, tokens = EXAMPLE_SHAPE
+    example = {
+        "input_ids": torch.ones(rows, tokens, dtype=torch.long, device=device),
+        "attention_mask": torch.ones(rows, tokens, dtype=torch.long, device=device),
+    }
+    if pairs:
+        example["token_type_ids"] = torch.zeros(rows, tokens, dtype=torch.long, device=device)
+    partial = folder / f"{key}.{os.getpid()}.partial.pt2"
+    started = time.perf_counter()
+    try:
+        export_and_compile(forward, example, max_tokens, partial)
+        os.replace(partial, folder / f"{key}.pt2")
+    finally:
+        partial.unlink(missing_ok=True)  # a failed compile leaves nothing for the next run
+    log.info("compiled package %s.pt2 in %.1f s", key, time.perf_counter() - started)

@@ -189,23 +189,27 @@ class InferStage:
     def _compile(self) -> None:
         """Load every model's compiled package (compiling the missing ones) and run it on a few shapes, so
         that a broken package shows before the first block; any failure leaves every model eager, with
-        one warning."""
+        one warning. Actors of a pool starting together take the models in turn: each compiles what no
+        other is compiling, and waits only when every model left is being compiled elsewhere."""
         started, cached = time.perf_counter(), 0
         try:
-            for name, model in self.models.items():
-                mt = self.tasks[name]
-                pairs = kind_of(mt.task).own_tokens(mt.task)  # pair inputs come with token type ids
-                identity = {
-                    "weights": mt.info.weights_sha256,
-                    "config": model.config.to_diff_dict(),
-                    "kind": mt.task.kind,
-                    "details": mt.info.details,
-                }
-                key = package_key(identity, self.device, self.dtype, pairs)
-                forward = ModelForward(model, self._outputs(name), self.device, self.dtype)
-                longest = getattr(model.config, "max_position_embeddings", None) or 512
-                self.compiled[name], hit = load_or_compile(forward, key, self.device, pairs, longest)
-                cached += hit
+            pending = {name: self._package(name) for name in self.models}
+            while pending:
+                taken = []
+                for name, args in pending.items():
+                    got = load_or_compile(*args, wait=False)
+                    if got is not None:
+                        self.compiled[name], hit = got
+                        cached, taken = cached + hit, [*taken, name]
+                if not taken:  # all left are being compiled by other actors: wait for the first
+                    name = next(iter(pending))
+                    self.compiled[name], hit = load_or_compile(*pending[name])
+                    cached, taken = cached + hit, [name]
+                for name in taken:
+                    del pending[name]
+            for name in self.models:
+                task = self.tasks[name].task
+                pairs = kind_of(task).own_tokens(task)
                 for rows, tokens in WARM_UP_SHAPES:
                     seqs = [np.full(tokens, self.pad_ids[name] + 1, dtype=np.int64)] * rows
                     pair = [np.zeros(tokens, dtype=np.int64)] * rows if pairs else None
@@ -220,6 +224,21 @@ class InferStage:
             cached,
             compiled_cache_dir(),
         )
+
+    def _package(self, name: str) -> tuple:
+        """``load_or_compile``'s arguments for a model: its forward pass and the package's key."""
+        model, mt = self.models[name], self.tasks[name]
+        pairs = kind_of(mt.task).own_tokens(mt.task)  # pair inputs come with token type ids
+        identity = {
+            "weights": mt.info.weights_sha256,
+            "config": model.config.to_diff_dict(),
+            "kind": mt.task.kind,
+            "details": mt.info.details,
+        }
+        key = package_key(identity, self.device, self.dtype, pairs)
+        forward = ModelForward(model, self._outputs(name), self.device, self.dtype)
+        longest = getattr(model.config, "max_position_embeddings", None) or 512
+        return forward, key, self.device, pairs, longest
 
     def _fall_back(self, exc: Exception) -> None:
         log.warning(
