@@ -14,7 +14,7 @@ from bertpipe import columns as C
 from bertpipe.config import RuntimeConfig
 from bertpipe.models.loading import inspect_model
 from bertpipe.plan import ModelTask, TokenizerGroup, plan_models
-from bertpipe.stages.infer import InferStage, plan_batches
+from bertpipe.stages.infer import InferStage, gpu_token_budget, plan_batches
 from bertpipe.stages.postprocess import PostprocessStage
 from bertpipe.stages.prepare import PrepareStage
 from bertpipe.tasks import parse_task
@@ -160,6 +160,28 @@ def test_out_of_memory_batch_is_split_and_budget_remembered(models, monkeypatch)
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_allclose(g, e, atol=1e-4)
     assert stage.max_tokens < 4096
+
+
+def test_gpu_budgets_grow_with_free_memory_and_keep_what_the_user_set(models, monkeypatch):
+    """On a GPU the defaults scale to its free memory (bounded); a budget set in the config stays."""
+    from transformers import BertConfig
+
+    base, small = BertConfig(), BertConfig(hidden_size=384, intermediate_size=1536)
+    h200 = gpu_token_budget(139 * 2**30, [base], 512, 2)
+    small_gpu = gpu_token_budget(16 * 2**30, [base], 512, 2)
+    assert 8192 < small_gpu < h200 <= 1 << 20 and h200 % 1024 == 0
+    assert gpu_token_budget(139 * 2**30, [small, base], 512, 2) == h200  # the largest model decides
+    assert gpu_token_budget(2**30, [base], 512, 2) == 8192  # never below the CPU default
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (139 * 2**30, 141 * 2**30))
+    task = [_task("topic", "classification", models["topic"])]
+    default = InferStage(task, RuntimeConfig(precision_check_rows=0), "cpu")
+    default._size_gpu_batches(RuntimeConfig())
+    assert default.max_tokens > 8192 and default.max_rows == default.max_tokens // 64
+    chosen = RuntimeConfig(max_tokens_per_batch=4096, max_rows_per_batch=32)
+    kept = InferStage(task, chosen, "cpu")
+    kept._size_gpu_batches(chosen)
+    assert (kept.max_tokens, kept.max_rows) == (4096, 32)
 
 
 def test_a_span_failure_marks_only_its_row(models, monkeypatch):

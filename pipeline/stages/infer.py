@@ -124,6 +124,26 @@ def default_threads(runtime: RuntimeConfig) -> int:
     return max(1, (os.cpu_count() or 1) // pool)
 
 
+GPU_BUDGET_SHARE = 0.25  # of the free memory, for one batch's activations; the rest is headroom
+GPU_MAX_TOKENS = 1 << 20
+
+
+def gpu_token_budget(free_bytes: int, configs: list, max_length: int, dtype_bytes: int) -> int:
+    """Tokens per batch on a GPU, from its free memory: 8,192 (the CPU default) leaves an H200 mostly idle.
+
+    Inference keeps one layer's activations alive at a time. Per token that is the attention scores
+    (heads x the window, when the kernel materialises them), the feed-forward's intermediate and a few
+    hidden-sized tensors, each counted twice for temporaries; the largest model decides. An estimate,
+    not a measurement: a batch that still runs out of memory is split in halves and the budget lowered
+    (``_run_batch``). Rounded down to a multiple of 1,024, between 8,192 and 1,048,576."""
+    per_token = max(
+        (c.num_attention_heads * max_length + c.intermediate_size + 8 * c.hidden_size) * dtype_bytes * 2
+        for c in configs
+    )
+    tokens = int(free_bytes * GPU_BUDGET_SHARE) // per_token // 1024 * 1024
+    return min(max(tokens, 8192), GPU_MAX_TOKENS)
+
+
 WARM_UP_SHAPES = ((2, 16), (1, 24))  # rows x tokens: any batch shape, then a batch of one row
 
 
@@ -169,6 +189,8 @@ class InferStage:
                 model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
             self.models[mt.task.name] = model
         self.tasks = {mt.task.name: mt for mt in model_tasks}
+        if self.device == "cuda":
+            self._size_gpu_batches(runtime)
         self.pad_ids = {mt.task.name: self._pad_id(mt) for mt in model_tasks}
         self.unchecked = {mt.task.name for mt in model_tasks} if self.check_rows else set()
         self.compiled = {}  # name -> compiled forward; the eager models stay, the fallback of a failure
@@ -185,6 +207,19 @@ class InferStage:
             os.environ.get("OMP_WAIT_POLICY", "default"),
             worker_resources() if worker_resources else {},
         )
+
+    def _size_gpu_batches(self, runtime: RuntimeConfig) -> None:
+        """The budgets the user left at their defaults, scaled to the GPU's free memory (the rows cap
+        lets a batch of 64-token rows fill the token budget)."""
+        free, _ = torch.cuda.mem_get_info()
+        dtype_bytes = torch.finfo(self.dtype).bits // 8
+        configs = [m.config for m in self.models.values()]
+        if "max_tokens_per_batch" not in runtime.model_fields_set:
+            self.max_tokens = gpu_token_budget(free, configs, runtime.max_length, dtype_bytes)
+        if "max_rows_per_batch" not in runtime.model_fields_set:
+            self.max_rows = max(self.max_rows, self.max_tokens // 64)
+        tokens, rows, gib = self.max_tokens, self.max_rows, free / 2**30
+        log.info("GPU batches: up to %d tokens and %d rows (%.1f GiB free)", tokens, rows, gib)
 
     def _compile(self) -> None:
         """Load every model's compiled package (compiling the missing ones) and run it on a few shapes, so
