@@ -1,6 +1,6 @@
 """GPU check in one call: bertpipe on CUDA with BERT-base-shaped models, bf16 and fp16, against fp32.
 
-    python benchmarks/gpu_check.py [--rows 4000] [--sample 200] [--max-tokens 65536] [--out FILE]
+    python benchmarks/gpu_check.py [--rows 4000] [--sample 200] [--max-tokens N] [--out FILE]
 
 Models: BERT-base shape (12 layers, hidden 768, 12 heads, FFN 3072) built from its config, random seeded
 weights and calibrated heads (``benchmarks.models``), MiniLM's WordPiece tokenizer; nothing downloaded.
@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=4000, help="corpus rows (default 4000)")
     p.add_argument("--sample", type=int, default=200, help="rows checked against fp32 on the CPU")
-    p.add_argument("--max-tokens", type=int, default=65536, help="runtime.max_tokens_per_batch on the GPU")
+    p.add_argument(
+        "--max-tokens", type=int, help="runtime.max_tokens_per_batch (default: from the GPU memory)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "bertpipe-gpu-check")
     p.add_argument("--out", type=Path, help="also write the JSON here")
@@ -88,7 +90,7 @@ def gpu_info(device: str) -> dict:
     }
 
 
-def job(source: Path, out: Path, models: dict, dtype: str, device: str, max_tokens: int):
+def job(source: Path, out: Path, models: dict, dtype: str, device: str, max_tokens: int | None):
     from benchmarks.ways import job_config
     from bertpipe.config import JobConfig
 
@@ -98,8 +100,9 @@ def job(source: Path, out: Path, models: dict, dtype: str, device: str, max_toke
         dtype=dtype,
         local_gpus=int(device == "cuda"),
         local_cpus=os.cpu_count(),
-        max_tokens_per_batch=max_tokens,
     )
+    if max_tokens:
+        raw["runtime"]["max_tokens_per_batch"] = max_tokens
     shutil.rmtree(out, ignore_errors=True)  # output.mode is error: every run writes a new output
     return JobConfig.model_validate(raw)
 
