@@ -24,7 +24,7 @@ from bertpipe.models.loading import shipped_encoder_dir
 
 CORPUS_SHARDS = 6  # four Parquet, two JSONL
 QUICK_STEPS = 8
-# Its 8 steps of 32 rows see no more than this; more rows would only be tokenised and validated.
+# A quick demo's steps of 32 rows (the default batch) see no more; more would only be tokenised and validated.
 QUICK_TRAIN_ROWS = 320
 
 
