@@ -204,7 +204,9 @@ def finetune(
 @app.command()
 def demo(
     workdir: Annotated[str, typer.Option(help="Where models, corpus and output go.")] = ".bertpipe",
-    quick: Annotated[bool, typer.Option(help="Few training steps and a small corpus (CI).")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Few training steps on sampled data and a small corpus (CI).")
+    ] = False,
     rows: Annotated[int, typer.Option(help="Rows in the sample corpus.")] = 600,
 ) -> None:
     """Offline demo: fine-tune three demo models once (cached), then label a sample corpus with them.
@@ -221,7 +223,7 @@ def demo(
     connect(None, state_api=True)  # one Ray for the three fine-tunes and the run
     try:
         with TrainingProgress() as progress:
-            models = train_models(root, 8 if quick else None, progress.update)
+            models = train_models(root, progress.update, quick)
         models["encoder"] = link_encoder(root)  # the embedding task's sentence encoder, as shipped
         n = write_corpus(root / "demo" / "corpus", 120 if quick else rows)
         out.print(f"sample corpus: {n} rows in {root / 'demo' / 'corpus'}")

@@ -23,6 +23,9 @@ from bertpipe.demo import datagen
 from bertpipe.models.loading import shipped_encoder_dir
 
 CORPUS_SHARDS = 6  # four Parquet, two JSONL
+QUICK_STEPS = 8
+# A quick demo's steps of 32 rows (the default batch) see no more; more would only be tokenised and validated.
+QUICK_TRAIN_ROWS = 320
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,10 @@ RECIPES = (
 
 
 def train_models(
-    workdir: Path, max_steps: int | None, progress: Callable[[str, dict], None]
+    workdir: Path, progress: Callable[[str, dict], None], quick: bool = False
 ) -> dict[str, Path]:
-    """Fine-tune (or reuse) each demo model; returns task -> model folder."""
+    """Fine-tune (or reuse) each demo model; returns task -> model folder. ``quick``: ``QUICK_STEPS``
+    steps on the first ``QUICK_TRAIN_ROWS`` of each (shuffled) training set, validation included."""
     from bertpipe.train.config import FinetuneConfig
     from bertpipe.train.trainer import run_finetune
 
@@ -63,7 +67,9 @@ def train_models(
     for recipe in RECIPES:
         out = workdir / "models" / recipe.task
         stamp = out / "demo_recipe.txt"
-        training_data = "".join(json.dumps(r) + "\n" for r in recipe.make(recipe.rows, seed=0))
+        rows = recipe.make(recipe.rows, seed=0)[: QUICK_TRAIN_ROWS if quick else None]
+        training_data = "".join(json.dumps(r) + "\n" for r in rows)
+        max_steps = QUICK_STEPS if quick else None
         fingerprint = recipe.fingerprint(max_steps, training_data)
         folders[recipe.task] = out
         if stamp.exists() and stamp.read_text().strip() == fingerprint:
