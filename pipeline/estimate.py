@@ -83,9 +83,9 @@ def compile_decision(setting: str, tokens: Callable[[], int | None], device: str
     the CPU, then from ``tokens()``, the job's estimated tokens per model (None when unknown), which is
     only counted when the CPU does not decide already (the runner reads the first rows for it).
 
-    ``auto`` leaves CPU models eager on a CPU without AMX: there a compiled all-MiniLM-L6-v2 job ran slower
-    end to end than eager bf16 even without its compile time (benchmarks/README.md, "The compiled model
-    stage"), although on fixed batch shapes it was faster.
+    ``auto`` leaves CPU models eager on a CPU without AMX: there a compiled all-MiniLM-L6-v2 job ran only
+    2-3% faster end to end than eager bf16 with its package already cached, against about 25 s of compile
+    per model on a first run (benchmarks/README.md, "The compiled model stage").
     The CPU is the driver's; on a cluster whose workers differ from it, set ``on`` or ``off``."""
     from bertpipe.models.loading import cpu_flags
 
@@ -93,8 +93,8 @@ def compile_decision(setting: str, tokens: Callable[[], int | None], device: str
         return setting == "on", f"runtime.compile: {setting}"
     if device == "cpu" and "amx_bf16" not in cpu_flags():
         return False, (
-            "runtime.compile: auto, this CPU has no AMX, where compiled jobs measured no faster end to end "
-            "than eager bf16: not compiling"
+            "runtime.compile: auto, this CPU has no AMX, where compiled jobs measured only 2-3% faster "
+            "end to end than eager bf16: not compiling"
         )
     count = tokens()
     if count is None:
