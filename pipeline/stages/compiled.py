@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from bertpipe.models.loading import cpu_flags
+
 log = logging.getLogger(__name__)
 
 # Bump when what is exported changes (the wrapper below, the head's precision), so old packages are not used.
@@ -60,7 +62,11 @@ def package_key(identity: dict, device: str, dtype: torch.dtype, pairs: bool) ->
     """What the compiled code depends on: the model (``identity``: weights digest, kind, outputs), the
     inputs, the precision, the device and its instruction set, torch's build, and on a CPU the thread
     count, which inductor writes into the kernels' parallel loops."""
-    hardware = torch.cuda.get_device_name() if device == "cuda" else torch.backends.cpu.get_cpu_capability()
+    if device == "cuda":
+        hardware = torch.cuda.get_device_name()
+    else:  # torch's capability names AVX512 alone; kernels for AMX would not run on a CPU without it
+        vector_flags = {f for f in cpu_flags() if f.startswith(("avx", "amx"))}
+        hardware = [torch.backends.cpu.get_cpu_capability(), *sorted(vector_flags)]
     parts = {
         "format": PACKAGE_FORMAT,
         "model": identity,
