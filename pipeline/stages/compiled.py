@@ -109,15 +109,13 @@ def load_or_compile(
             with FileLock(str(path) + ".lock", timeout=-1 if wait else 0):
                 cached = path.exists()
                 if not cached:
-                    _compile_package(forward, folder, key, device, pairs, max_tokens)
+                    _compile_package(forward, path, device, pairs, max_tokens)
         except Timeout:
             return None
     return torch._inductor.aoti_load_package(str(path)), cached
 
 
-def _compile_package(
-    forward: ModelForward, folder: Path, key: str, device: str, pairs: bool, max_tokens: int
-) -> None:
+def _compile_package(forward: ModelForward, path: Path, device: str, pairs: bool, max_tokens: int) -> None:
     rows, tokens = EXAMPLE_SHAPE
     example = {
         "input_ids": torch.ones(rows, tokens, dtype=torch.long, device=device),
@@ -125,11 +123,11 @@ def _compile_package(
     }
     if pairs:
         example["token_type_ids"] = torch.zeros(rows, tokens, dtype=torch.long, device=device)
-    partial = folder / f"{key}.{os.getpid()}.partial.pt2"
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")
     started = time.perf_counter()
     try:
         export_and_compile(forward, example, max_tokens, partial)
-        os.replace(partial, folder / f"{key}.pt2")
+        os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)  # a failed compile leaves nothing for the next run
-    log.info("compiled package %s.pt2 in %.1f s", key, time.perf_counter() - started)
+    log.info("compiled package %s in %.1f s", path.name, time.perf_counter() - started)

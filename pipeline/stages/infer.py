@@ -230,17 +230,12 @@ class InferStage:
         try:
             pending = {name: self._package(name) for name in self.models}
             while pending:
-                taken = []
-                for name, args in pending.items():
-                    got = load_or_compile(*args, wait=False)
-                    if got is not None:
-                        self.compiled[name], hit = got
-                        cached, taken = cached + hit, [*taken, name]
-                if not taken:  # all left are being compiled by other actors: wait for the first
+                ready = {n: got for n, args in pending.items() if (got := load_or_compile(*args, wait=False))}
+                if not ready:  # all left are being compiled by other actors: wait for the first
                     name = next(iter(pending))
-                    self.compiled[name], hit = load_or_compile(*pending[name])
-                    cached, taken = cached + hit, [name]
-                for name in taken:
+                    ready = {name: load_or_compile(*pending[name])}
+                for name, (forward, hit) in ready.items():
+                    self.compiled[name], cached = forward, cached + hit
                     del pending[name]
             for name in self.models:
                 task = self.tasks[name].task
