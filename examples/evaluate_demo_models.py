@@ -26,6 +26,7 @@ SENTIMENT_SETS = {
     "D": "heldout_sentiment_d.jsonl",
     "E": "heldout_sentiment_e.jsonl",
     "F": "heldout_sentiment_f.jsonl",
+    "G": "heldout_sentiment_g.jsonl",
 }
 NER_SETS = {"A": "heldout_ner.jsonl", "B": "heldout_ner_b.jsonl"}
 GOALS = {"sentiment": ("accuracy", 0.90), "ner": ("f1", 0.85)}

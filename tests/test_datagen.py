@@ -182,6 +182,7 @@ def sentiment_trained() -> set[str]:
         ("heldout_sentiment_d.jsonl", 100, 10, DEMO_SENTIMENT_LABELS),
         ("heldout_sentiment_e.jsonl", 100, 10, DEMO_SENTIMENT_LABELS),
         ("heldout_sentiment_f.jsonl", 120, 10, DEMO_SENTIMENT_LABELS),
+        ("heldout_sentiment_g.jsonl", 150, 12, DEMO_SENTIMENT_LABELS),
     ],
 )
 def test_heldout_sentiment_files(sentiment_trained, name, size, hard_cases, labels):
