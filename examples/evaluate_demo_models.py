@@ -2,9 +2,9 @@
 
     python examples/evaluate_demo_models.py [--models .bertpipe/models] [--json out.json]
 
-Sentiment: accuracy on six sets (A, B, C: positive/negative reviews; D, E and F: positive, negative and
+Sentiment: accuracy on seven sets (A, B, C: positive/negative reviews; D to G: positive, negative and
 neutral reviews and factual sentences, each written after the demo's hand-written training text of its
-time; F after all of it, by a writer who did not read it), and on all of them together. NER:
+time; F and G by writers who did not read it, G after all of it), and on all of them together. NER:
 entity-level precision, recall and F1 on two sets, where an entity counts when its type, start and end
 match exactly, with the word-level aggregation the demo uses (``first``). Uses ``transformers.pipeline``
 directly, so the figures don't depend on bertpipe's own batching.

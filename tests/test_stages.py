@@ -3,11 +3,15 @@ GPU out-of-memory splitting. References are computed independently with HF model
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import break_span_assembly, make_texts
+from conftest import break_span_assembly, make_texts, shipped_encoder_dir
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from bertpipe import columns as C
@@ -301,3 +305,45 @@ def test_models_fine_tuned_from_one_base_share_one_tokenisation(tmp_path):
         for n, m in [("plain", plain), ("trained", trained), ("cased", cased)]
     }
     assert ids["plain"] == ids["trained"] != ids["cased"], "equal keys must mean equal tokens"
+
+
+def test_tokenizers_load_as_autotokenizer_loads_them(models, tmp_path):
+    """``open_tokenizer`` skips ``AutoTokenizer`` (whose config module imports torch) only where it
+    would pick the same class: same class, same tokens, offsets, windows and pair type ids."""
+    from tiny_models import build_sequence_classifier
+
+    from bertpipe.models.loading import _declared_tokenizer_class, open_tokenizer
+
+    cased = build_sequence_classifier(tmp_path / "cased", ["a", "b"])
+    AutoTokenizer.from_pretrained(cased, do_lower_case=False).save_pretrained(cased)
+    undeclared = build_sequence_classifier(tmp_path / "undeclared", ["a", "b"])
+    settings = undeclared / "tokenizer_config.json"
+    settings.write_text(
+        json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "tokenizer_class"})
+    )
+    assert _declared_tokenizer_class(undeclared) is None
+    texts = ["Ana María de la Fuente visited PSV Eindhoven.", "GREAT value!! " * 40, "naïve O'Neill-Hart"]
+    for folder in [models["ner"], models["topic"], cased, undeclared, shipped_encoder_dir()]:
+        ours, reference = open_tokenizer(str(folder)), AutoTokenizer.from_pretrained(folder)
+        assert type(ours) is type(reference)
+        kwargs = dict(truncation=True, max_length=32, stride=8, return_overflowing_tokens=True)
+        kwargs.update(return_offsets_mapping=True, return_special_tokens_mask=True)
+        assert ours(texts, **kwargs).data == reference(texts, **kwargs).data
+        assert ours(texts, texts[::-1]).data == reference(texts, texts[::-1]).data
+
+
+def test_the_tokenising_stage_does_not_import_torch(models):
+    """Every fresh tokenising Ray worker would pay torch's import (~3 s of CPU) for nothing."""
+    script = (
+        "import sys, pyarrow as pa\n"
+        "from bertpipe import columns as C\n"
+        "from bertpipe.plan import TokenizerGroup\n"
+        "from bertpipe.stages.prepare import PrepareStage\n"
+        f"group = TokenizerGroup('g', {str(models['ner'])!r}, None, False, all_windows=True, offsets=True)\n"
+        "table = pa.table({'text': ['Ana visited Eindhoven.'], C.ERROR: pa.nulls(1, pa.string())})\n"
+        "out = PrepareStage('text', [group], 64, 16, None)(table)\n"
+        "assert out.num_rows == 1 and out.column(C.ERROR).null_count == 1\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 
 
 class ShardDatasource(FileBasedDatasource):
-    """One read task per file; ``bertpipe.io.reader.read_shard`` turns the file into blocks."""
+    """Reads the input files (Ray groups them into read tasks); ``bertpipe.io.reader.read_shard`` turns
+    each file into tables of ``rows_per_block`` rows."""
 
     def __init__(
         self,
@@ -158,6 +159,19 @@ def assigned_resources() -> dict:
         return {}
 
 
+# Ray Data cuts a task's output into blocks of up to 128 MiB by default: a read task over a few files of
+# short rows then emits one block of ~25,000 rows, and the tokeniser, the model actors and the writers
+# each wait for a whole such block (a 200k-row job moved in 9 steps, the writes at the end). Blocks of
+# 2 MiB (~1,500 short rows, or a few hundred long texts with their token columns) keep every stage busy
+# from the first seconds and bound what waits in the object store. Set for the job's datasets.
+BLOCK_BYTES = 2 * 1024 * 1024
+
+# Ray's default of one CPU per write task cannot be granted while the actor pools hold most of a small
+# node's CPUs, so every labelled block waited in the object store until the pools finished, and the
+# writes ran at the end (on 2 cores, a 200k-row job showed "Write: backpressured" throughout). Writing
+# is mostly I/O and encoding; a quarter CPU lets it keep pace with the model stage.
+WRITE_TASK = {"num_cpus": 0.25}
+
 # A CPU model actor's OpenMP threads sleep between operations instead of spinning: torch's default spin
 # (libgomp) keeps its threads busy for a while after each operation, and on a node where the reader,
 # tokeniser, postprocessor and writer share the cores with the model that spinning takes their CPU
@@ -229,6 +243,7 @@ def build_dataset(
     """The lazy Ray Data plan of a job: read -> prepare -> infer -> postprocess (-> partition sanitiser)."""
     cfg, rt = p.config, p.config.runtime
     key = (p.key_column, p.key_prefix) if p.key_column else None
+    ray.data.DataContext.get_current().target_max_block_size = BLOCK_BYTES
     if p.table is not None:
         ds = read_table(p.table).map_batches(
             TableRows(p.schema, cfg.input.text_column, key),
@@ -344,6 +359,7 @@ def write_staged_parquet(
             partition_cols=partition_by or None,
             mode=SaveMode.APPEND,
             filename_provider=FilenameProvider(dataset_uuid=file_prefix.rstrip("_"), file_format="parquet"),
+            ray_remote_args=WRITE_TASK,
         )
     finally:
         context.checkpoint_config = None  # the process may run other jobs (tests, notebooks)
@@ -445,7 +461,7 @@ def write_table(
     id_is_row_key = id_is_row_key or id_column == C.ROW_KEY
     scratch = target.scratch(run_id)
     sink = CheckedSink(inner, schema, id_column, id_is_row_key, target.files, scratch, before_commit)
-    build().write_datasink(sink)
+    build().write_datasink(sink, ray_remote_args=WRITE_TASK)
     return sink.stats
 
 

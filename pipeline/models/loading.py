@@ -96,12 +96,67 @@ def _sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def load_tokenizer(source: str, task: TaskBase):
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _declared_tokenizer_class(folder: Path):
+    """The tokenizer class ``AutoTokenizer`` would pick for ``folder``, when that is plain to see: the
+    ``tokenizer_class`` of ``tokenizer_config.json`` is a transformers class of the model's own type
+    (``BertTokenizer`` for ``model_type: bert``) and nothing asks for remote code; else None.
+
+    Why not always ``AutoTokenizer``: it builds the model config, and transformers' config module
+    imports torch (2–3 s of CPU in every fresh tokenising and postprocessing Ray worker, which start
+    together on a busy node). Where a checkpoint declares another model type's class, an ``auto_map``
+    or nothing, ``AutoTokenizer``'s own rules decide, as before."""
+    settings = _read_json(folder / "tokenizer_config.json")
+    name = settings.get("tokenizer_class")
+    model_type = _read_json(folder / "config.json").get("model_type")
+    if "auto_map" in settings or not isinstance(name, str) or not isinstance(model_type, str):
+        return None
+    import transformers
+
+    cls = getattr(transformers, name, None) or getattr(transformers, name.removesuffix("Fast"), None)
+    own_module = f"transformers.models.{model_type.replace('-', '_')}."
+    if cls is None or not cls.__module__.startswith(own_module):
+        return None
+    return cls
+
+
+def _tokenizer_folder(source: str, revision: str | None) -> Path | None:
+    """``source`` as a local folder: itself, or a hub id's tokenizer and config files in the HF cache
+    (fetched as ``AutoTokenizer`` would); None if the hub cannot be asked."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    if not _HUB_ID.match(source):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        files = ["*.json", "*.txt", "*.model"]
+        return Path(snapshot_download(source, revision=revision, allow_patterns=files))
+    except Exception:  # noqa: BLE001 - AutoTokenizer below reports the failure in its own words
+        return None
+
+
+def open_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer of a model folder or hub id, as ``AutoTokenizer.from_pretrained`` loads it."""
+    folder = None if trust_remote_code else _tokenizer_folder(source, revision)
+    cls = None if folder is None else _declared_tokenizer_class(folder)
+    if cls is not None:
+        return cls.from_pretrained(str(folder))
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        source, revision=task.revision, trust_remote_code=task.trust_remote_code
-    )
+    return AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(source: str, task: TaskBase):
+    tok = open_tokenizer(source, task.revision, task.trust_remote_code)
     require_fast_tokenizer(tok, f"task {task.name!r}", task.model)
     return tok
 

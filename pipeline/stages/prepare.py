@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bertpipe import columns as C
+from bertpipe.models.loading import open_tokenizer
 from bertpipe.plan import TokenizerGroup
 from bertpipe.tasks import kind_of
 
@@ -75,19 +76,12 @@ class PrepareStage:
         max_chars: int | None,
     ):
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from transformers import AutoTokenizer
-
         self.text_column = text_column
         self.groups = groups
         self.max_length = max_length
         self.stride = stride
         self.max_chars = max_chars
-        self.tokenizers = {
-            g.key: AutoTokenizer.from_pretrained(
-                g.source, revision=g.revision, trust_remote_code=g.trust_remote_code
-            )
-            for g in groups
-        }
+        self.tokenizers = {g.key: open_tokenizer(g.source, g.revision, g.trust_remote_code) for g in groups}
 
     def _lengths(self, group: TokenizerGroup) -> tuple[int, int]:
         """Tokens per window and overlap of the group: the runtime's, under the group's cap."""
