@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -24,7 +25,7 @@ from bertpipe.tasks import KINDS
 from bertpipe.train import FinetuneConfig, load_finetune_config, run_finetune
 from bertpipe.train.data import LabelledRows, encode, read_labelled, resolve_labels, spans_to_bio
 from bertpipe.train.metrics import bio_entities, classification_metrics, entity_metrics
-from bertpipe.train.trainer import _head_labels, _load_model, _public_config
+from bertpipe.train.trainer import _head_labels, _load_model, _public_config, length_grouped_batches
 
 TOPICS = {
     "sports": ["football", "goal", "match", "coach", "league", "tennis"],
@@ -316,6 +317,23 @@ def test_base_head_kept_only_for_its_own_labels(tmp_path):
 
 
 # ---------------------------------------------------------------- metrics
+
+
+def test_length_grouped_batches_cover_every_row_once_and_cut_padding():
+    rng = random.Random(3)
+    lengths = np.array([rng.choice([5, 9, 14, 30, 60, 64]) for _ in range(1000)])
+    batches = length_grouped_batches(lengths, 16, seed=1)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    assert all(1 <= len(b) <= 16 for b in batches) and sum(len(b) < 16 for b in batches) <= 1
+    padded = sum(lengths[b].max() * len(b) for b in batches)
+    shuffled = np.random.default_rng(1).permutation(1000)
+    plain = sum(lengths[shuffled[i : i + 16]].max() * 16 for i in range(0, 1000, 16))
+    assert padded < 0.7 * plain  # the point: batches hold rows of similar length
+    assert padded > lengths.sum()  # a window of 800 rows is not one global sort
+    again = length_grouped_batches(lengths, 16, seed=1)
+    assert all((a == b).all() for a, b in zip(batches, again, strict=True))  # seeded
+    other = length_grouped_batches(lengths, 16, seed=2)
+    assert any(len(a) != len(b) or (a != b).any() for a, b in zip(batches, other, strict=False))
 
 
 def test_classification_metrics_hand_computed():

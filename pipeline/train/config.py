@@ -22,6 +22,7 @@ Schema (defaults shown)::
     seed: 0
     epochs: 3
     batch_size: 32                  # rows per worker per step (global batch = batch_size * num_workers)
+    group_by_length: true           # batch rows of similar length (less padding; false: plain shuffle)
     learning_rate: 5e-5
     weight_decay: 0.01
     warmup_ratio: 0.1
@@ -93,6 +94,7 @@ class FinetuneConfig(_Strict):
     seed: int = 0
     epochs: int = Field(default=3, ge=1)
     batch_size: int = Field(default=32, ge=1)
+    group_by_length: bool = True
     learning_rate: float = Field(default=5e-5, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
