@@ -51,7 +51,7 @@ class Recipe:
 RECIPES = (
     Recipe("sentiment", "sentiment", datagen.sentiment_training, 600, 3, 64, 8e-5),
     Recipe("topic", "classification", datagen.make_topic, 1200, 1, 64, 8e-5),
-    Recipe("ner", "ner", datagen.ner_training, 2500, 2, 64, 8e-5),
+    Recipe("ner", "ner", datagen.ner_training, 2500, 3, 64, 8e-5),
 )
 
 
