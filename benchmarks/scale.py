@@ -6,7 +6,8 @@ is not the bottleneck (2 layers, hidden 64, MiniLM's vocabulary; sentiment + NER
 
 For each corpus size, ``bertpipe run`` runs in a subprocess (its own local Ray); the driver's peak RSS
 is sampled every 50 ms (the driver process only: Ray's workers are separate processes), and the run
-summary's timings split pre-flight, write-and-count and commit. Driver bytes per row is the growth of
+summary's timings split pre-flight, write-and-count and commit, and give the start-up (seconds to the
+first labelled rows) and the rate once rows flow. Driver bytes per row is the growth of
 the peak RSS between the two sizes divided by the rows added. The many-files case runs ``bertpipe run``
 over that many one-row Parquet files and reports the driver's CPU seconds per file. The S3 case starts
 a moto server on 127.0.0.1, writes N files under their final names and counts the requests of a

@@ -386,7 +386,12 @@ def execute(
                 writing_since = time.time()
                 stats = target.write(lambda: build_dataset(p, device, feed.report, compiled), p, run_id)
                 timings["write_and_count_s"] = time.time() - writing_since
-            task_counts = feed.snapshot().task_counts()
+            progress = feed.snapshot()
+            task_counts = progress.task_counts()
+            if progress.first_at is not None:  # start-up: Ray's workers started, the models loaded
+                timings["first_rows_s"] = progress.first_at - started
+            if progress.rows_per_s_after_first is not None:
+                timings["rows_per_s_after_first"] = progress.rows_per_s_after_first
         finally:
             feed.close()
         summary = run_summary(p, run_id, started, stats, device)

@@ -15,6 +15,7 @@ from conftest import STRIDE, WINDOW, make_texts
 from transformers import pipeline as hf_pipeline
 
 import bertpipe
+from bertpipe.progress import Progress
 from bertpipe.tasks.sentiment import normalise_sentiment_label
 
 RUNTIME = {"dtype": "float32", "max_length": WINDOW, "stride": STRIDE, "rows_per_block": 16}
@@ -93,6 +94,25 @@ def test_run_reports_progress_and_counts_what_it_wrote(ran, rows):
     assert summary.task_counts["sentiment"] == dict(labels)
     assert summary.task_counts["entities"] == dict(entities)
     assert reports[-1][3] == summary.task_counts
+
+
+def test_run_times_start_up_apart_from_the_rate_once_rows_flow(ran):
+    timings = ran[0].timings
+    assert 0 < timings["preflight_s"] < timings["first_rows_s"] < ran[0].seconds
+    assert timings["rows_per_s_after_first"] > 0
+
+
+def test_progress_rate_after_the_first_rows_leaves_start_up_out(monkeypatch):
+    clock = iter([130.0, 131.0, 140.0, 140.0, 140.0, 140.0])
+    monkeypatch.setattr("bertpipe.progress.time.time", lambda: next(clock))
+    progress = Progress(total=1_000, started=100.0)
+    batch = {"rows": 100, "errors": 0, "tasks": {}}
+    progress.add(batch)  # 130: first rows after 30 s of start-up
+    progress.add(batch)  # 131
+    progress.add(batch)  # 140
+    assert progress.rows_per_s_after_first == pytest.approx(200 / 10)
+    assert progress.rows_per_s == pytest.approx(300 / 40)  # now 140
+    assert progress.eta_s == pytest.approx(700 / 20)  # at the rate once rows flow
 
 
 def _plain(value):
