@@ -316,9 +316,6 @@ def test_base_head_kept_only_for_its_own_labels(tmp_path):
     assert not fresh.classifier.bias.any()
 
 
-# ---------------------------------------------------------------- metrics
-
-
 def test_length_grouped_batches_cover_every_row_once_and_cut_padding():
     rng = random.Random(3)
     lengths = np.array([rng.choice([5, 9, 14, 30, 60, 64]) for _ in range(1000)])
@@ -334,6 +331,9 @@ def test_length_grouped_batches_cover_every_row_once_and_cut_padding():
     assert all((a == b).all() for a, b in zip(batches, again, strict=True))  # seeded
     other = length_grouped_batches(lengths, 16, seed=2)
     assert any(len(a) != len(b) or (a != b).any() for a, b in zip(batches, other, strict=False))
+
+
+# ---------------------------------------------------------------- metrics
 
 
 def test_classification_metrics_hand_computed():
