@@ -28,7 +28,7 @@ from bertpipe.config import (
     format_validation_error,
     load_config,
 )
-from bertpipe.estimate import compile_decision, text_tokens
+from bertpipe.estimate import compile_decision, job_flops_per_token, text_tokens
 from bertpipe.io.reader import text_as_string
 from bertpipe.plan import ModelPlan, plan_models
 from bertpipe.progress import Progress
@@ -125,7 +125,8 @@ def label(
         def tokens() -> int:
             return sum(text_tokens(rows.column(TEXT), rt.max_length, w) for w in windows) // len(windows)
 
-        compiled, reason = compile_decision(rt.compile, tokens, device)
+        flops = job_flops_per_token(models.model_tasks)
+        compiled, reason = compile_decision(rt.compile, tokens, device, flops)
         log.info("%s", reason)
         labelled = collect(
             label_stages(from_arrow(blocks), models, rt, TEXT, None, device, compiled=compiled)

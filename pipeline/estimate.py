@@ -56,6 +56,28 @@ CHARS_PER_TOKEN = 4  # English WordPiece text, roughly: a cheap count, good enou
 # (2M tokens); a later run loads the cached package in a fraction of a second and gains from its first
 # token. The driver cannot tell which of the two a run will be, so the threshold lies between them.
 COMPILE_MIN_TOKENS = 1_000_000
+MINILM_FLOPS_PER_TOKEN = 21_233_664  # ``encoder_flops_per_token`` of all-MiniLM-L6-v2 (6 layers, 384 wide)
+
+
+def compile_min_tokens(flops_per_token: float | None) -> int:
+    """Tokens per model from which compiling pays back, for models of ``flops_per_token``.
+
+    A smaller model saves less per token, though far from in proportion (compiling also sheds the
+    per-operation overhead that dominates small layers): on a 2-core AMX CPU all-MiniLM-L6-v2 saved ~15 us
+    per token and ``benchmarks/scale.py``'s tiny models, 162x fewer FLOPs per token, ~1.5 us (eager
+    6,243-6,415 rows/s of 18.7 tokens against 9,121-10,551 compiled, two models), for a compile of
+    about 30 s either way. So the threshold grows with the square root of how much smaller than MiniLM
+    the model is, a fit through those two points. Larger models keep MiniLM's threshold: they save more
+    per token but also take longer to compile, which the fit does not know."""
+    if not flops_per_token:
+        return COMPILE_MIN_TOKENS
+    return round(COMPILE_MIN_TOKENS * max(1.0, (MINILM_FLOPS_PER_TOKEN / flops_per_token) ** 0.5))
+
+
+def job_flops_per_token(model_tasks) -> float | None:
+    """The mean ``flops_per_token`` of the job's models (None when no config tells it)."""
+    known = [mt.info.flops_per_token for mt in model_tasks if mt.info.flops_per_token]
+    return sum(known) / len(known) if known else None
 
 
 def text_tokens(texts: pa.ChunkedArray | pa.Array, max_length: int, windows: bool) -> int:
@@ -78,10 +100,16 @@ def preflight_tokens(p: Plan, limit: int = 256) -> int:
     return round(sum(counts) / max(len(counts), 1) * p.rows_in / max(table.num_rows, 1))
 
 
-def compile_decision(setting: str, tokens: Callable[[], int | None], device: str = "cpu") -> tuple[bool, str]:
+def compile_decision(
+    setting: str,
+    tokens: Callable[[], int | None],
+    device: str = "cpu",
+    flops_per_token: float | None = None,
+) -> tuple[bool, str]:
     """Whether to compile the models for ``runtime.compile`` and why, for the log. ``auto`` decides from
     the CPU, then from ``tokens()``, the job's estimated tokens per model (None when unknown), which is
-    only counted when the CPU does not decide already (the runner reads the first rows for it).
+    only counted when the CPU does not decide already (the runner reads the first rows for it), against
+    ``compile_min_tokens`` of the models' size.
 
     ``auto`` leaves CPU models eager on a CPU without AMX: there a compiled all-MiniLM-L6-v2 job ran only
     2-3% faster end to end than eager bf16 with its package already cached, against about 25 s of compile
@@ -99,14 +127,15 @@ def compile_decision(setting: str, tokens: Callable[[], int | None], device: str
     count = tokens()
     if count is None:
         return False, "runtime.compile: auto, the job's size is not known beforehand: not compiling"
-    if count >= COMPILE_MIN_TOKENS:
+    threshold = compile_min_tokens(flops_per_token)
+    if count >= threshold:
         return True, (
             f"runtime.compile: auto, about {count:,} tokens per model pay back the compile "
-            f"(from {COMPILE_MIN_TOKENS:,}): compiling"
+            f"(from {threshold:,} for models of this size): compiling"
         )
     return False, (
         f"runtime.compile: auto, about {count:,} tokens per model are too few to pay back a compile "
-        f"(from {COMPILE_MIN_TOKENS:,}): not compiling"
+        f"(from {threshold:,} for models of this size): not compiling"
     )
 
 

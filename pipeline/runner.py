@@ -407,9 +407,11 @@ def execute(
 def decide_compile(p: Plan, device: str) -> bool:
     """``runtime.compile``, with ``auto`` decided from the device, the pre-flight row count and the first
     rows' text lengths; the reason goes to the log."""
-    from bertpipe.estimate import compile_decision, preflight_tokens
+    from bertpipe.estimate import compile_decision, job_flops_per_token, preflight_tokens
 
-    compiled, reason = compile_decision(p.config.runtime.compile, lambda: preflight_tokens(p), device)
+    compiled, reason = compile_decision(
+        p.config.runtime.compile, lambda: preflight_tokens(p), device, job_flops_per_token(p.model_tasks)
+    )
     log.info("%s", reason)
     return compiled
 

@@ -15,6 +15,7 @@ from conftest import STRIDE, WINDOW, base_config, make_texts
 from transformers import pipeline as hf_pipeline
 
 from bertpipe import columns as C
+from bertpipe import estimate
 from bertpipe.config import JobConfig, RuntimeConfig
 from bertpipe.models import loading
 from bertpipe.plan import plan, plan_models
@@ -186,10 +187,33 @@ def test_auto_leaves_a_small_job_eager_and_says_why(tmp_path, models, pipeline_l
     assert "too few to pay back a compile" in pipeline_log.text
 
 
-def test_auto_compiles_a_job_of_many_tokens(tmp_path, models, pipeline_log, monkeypatch):
+def test_auto_compiles_a_job_of_many_tokens_for_models_of_minilms_size(
+    tmp_path, models, pipeline_log, monkeypatch
+):
     monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
-    assert decide_compile(plan(_job(tmp_path, models, 10_000, 600)), "cpu") is True
-    assert "pay back the compile" in pipeline_log.text
+    job = plan(_job(tmp_path, models, 10_000, 600))  # about 1.5M tokens per model
+    monkeypatch.setattr(estimate, "job_flops_per_token", lambda _: estimate.MINILM_FLOPS_PER_TOKEN)
+    assert decide_compile(job, "cpu") is True
+    assert "pay back the compile (from 1,000,000 for models of this size)" in pipeline_log.text
+
+
+def test_auto_needs_more_tokens_to_compile_smaller_models(tmp_path, models, pipeline_log, monkeypatch):
+    """The same job on the tiny test models stays eager: they save too little per token."""
+    monkeypatch.setattr(loading, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    job = plan(_job(tmp_path, models, 10_000, 600))
+    flops = estimate.job_flops_per_token(job.model_tasks)
+    assert flops == loading.encoder_flops_per_token(json.loads((models["ner"] / "config.json").read_text()))
+    assert estimate.compile_min_tokens(flops) > 10 * estimate.COMPILE_MIN_TOKENS
+    assert decide_compile(job, "cpu") is False
+    assert "too few to pay back a compile" in pipeline_log.text
+
+
+def test_the_size_measure_counts_minilms_encoder_from_its_own_config():
+    """The reference size is what ``encoder_flops_per_token`` reads from the real MiniLM's config.json."""
+    config = json.loads((loading.shipped_encoder_dir() / "config.json").read_text())
+    assert loading.encoder_flops_per_token(config) == estimate.MINILM_FLOPS_PER_TOKEN
+    assert estimate.compile_min_tokens(estimate.MINILM_FLOPS_PER_TOKEN) == estimate.COMPILE_MIN_TOKENS
+    assert estimate.compile_min_tokens(None) == estimate.COMPILE_MIN_TOKENS
 
 
 def test_auto_leaves_cpu_models_eager_without_amx_but_compiles_for_a_gpu(
@@ -199,4 +223,5 @@ def test_auto_leaves_cpu_models_eager_without_amx_but_compiles_for_a_gpu(
     job = plan(_job(tmp_path, models, 10_000, 600))
     assert decide_compile(job, "cpu") is False
     assert "no AMX" in pipeline_log.text
+    monkeypatch.setattr(estimate, "job_flops_per_token", lambda _: estimate.MINILM_FLOPS_PER_TOKEN)
     assert decide_compile(job, "cuda") is True

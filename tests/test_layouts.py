@@ -4,6 +4,7 @@ JSONL and CSV shards of one folder with one schema, declared types, and which fi
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -11,12 +12,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import WINDOW, base_config, make_texts, write_config
+from ray import cloudpickle
 from transformers import pipeline as hf_pipeline
 from typer.testing import CliRunner
 
 from bertpipe.cli import app
 from bertpipe.config import ConfigError, JobConfig
-from bertpipe.io.paths import discover
+from bertpipe.engine.data import ShardDatasource
+from bertpipe.io.paths import Shard, ShardNaming, discover
 from bertpipe.io.reader import read_shard
 from bertpipe.plan import check_shards, inspect_locally
 from bertpipe.runner import execute
@@ -123,6 +126,38 @@ def test_discovery_skips_hidden_files_and_reads_hive_keys(warehouse_folder, tmp_
     assert discover([str(tmp_path / "t")], "jsonl", {}, partitioning="hive")[0].partitions == (
         ("region", "a/b"),
     )
+
+
+def test_the_reader_names_every_discovered_file_from_its_path(warehouse_folder, tmp_path):
+    """What read tasks carry instead of a table of every file gives each file's url, format and
+    partitions as ``discover`` found them: mixed formats in hive folders, one declared format, s3 urls."""
+    root, _ = warehouse_folder
+    mixed = discover([str(root)], "auto", {}, formats=ALL, partitioning="hive")
+    declared = discover([f"{root}/dt=2026-11-29/*"], "jsonl", {}, partitioning="hive")
+    plain = discover([str(root)], "auto", {}, formats=ALL)
+    on_s3 = [replace(s, path=f"bucket{s.path}", url=f"s3://bucket{s.path}") for s in mixed]
+    for shards in (mixed, declared, plain, on_s3):
+        naming = ShardNaming.of(shards)
+        assert all(naming.names(s) for s in shards)
+        assert [naming.shard(s.path).url for s in shards] == [s.url for s in shards]
+    # a file the rule does not name (not one discover makes) is kept by path
+    odd = Shard(str(root / "odd.txt"), str(root / "odd.txt"), "parquet", 1, "v")
+    assert not ShardNaming.of(mixed).names(odd)
+
+
+def test_read_tasks_do_not_grow_with_the_number_of_files(ray_session, tmp_path):
+    """Each read task pickles the datasource: 2,000 files must cost it no more than 20 do."""
+    folder = tmp_path / "many"
+    for i in range(2000):
+        jsonl(folder / f"dt=d{i % 7}" / f"part-{i:05d}.jsonl", [{"text": "x"}])
+
+    def pickled_size(n: int) -> int:
+        shards = discover([str(folder)], "auto", {}, partitioning="hive")[:n]
+        source = ShardDatasource(shards, pa.fs.LocalFileSystem(), "text", None, rows_per_block=16)
+        assert not source._unnamed
+        return len(cloudpickle.dumps(source))
+
+    assert pickled_size(2000) < pickled_size(20) + 1024
 
 
 def test_validate_a_folder_beside_a_delta_log_and_an_earlier_output(warehouse_folder, models, tmp_path):

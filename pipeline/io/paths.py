@@ -46,6 +46,36 @@ class Shard:
         return (self.url, self.size, self.version)
 
 
+@dataclass(frozen=True)
+class ShardNaming:
+    """The read-time facts of a job's files (url, format, partitions) from their paths alone: one
+    filesystem's url prefix, one format or each file's suffix, hive folders or none. Lets a reader hold
+    this instead of a table of every file. Size and version are not read-time facts: 0 and ""."""
+
+    url_prefix: str
+    format: str | None  # None: by suffix
+    hive: bool
+
+    @classmethod
+    def of(cls, shards: list[Shard]) -> ShardNaming:
+        first = shards[0] if shards else Shard("", "", "parquet", 0, "")
+        formats = {s.format for s in shards}
+        return cls(
+            url_prefix=first.url[: len(first.url) - len(first.path)],
+            format=formats.pop() if len(formats) == 1 else None,
+            hive=any(s.partitions for s in shards),
+        )
+
+    def shard(self, path: str) -> Shard:
+        fmt = self.format or shard_format(path, "auto", ("parquet", "jsonl", "csv")) or ""
+        return Shard(path, self.url_prefix + path, fmt, 0, "", hive_partitions(path) if self.hive else ())
+
+    def names(self, shard: Shard) -> bool:
+        """Whether ``shard(path)`` gives this file's url, format and partitions."""
+        named = self.shard(shard.path)
+        return (named.url, named.format, named.partitions) == (shard.url, shard.format, shard.partitions)
+
+
 def redact(text: str) -> str:
     """Remove user:password@ from URLs."""
     return _URL_USERINFO.sub(r"\g<scheme>***@", text)

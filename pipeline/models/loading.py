@@ -36,6 +36,7 @@ class ModelInfo:
     weights_sha256: str
     weight_files: tuple[str, ...] = field(default_factory=tuple)
     details: dict = field(default_factory=dict)  # what the task's kind read of the folder (``Kind.inspect``)
+    flops_per_token: int | None = None  # of the encoder's layers (``encoder_flops_per_token``)
 
     @property
     def num_labels(self) -> int:
@@ -215,6 +216,20 @@ def _model_config(folder: Path) -> dict:
         return json.load(fh)
 
 
+def encoder_flops_per_token(config: dict) -> int | None:
+    """Multiply-adds x 2 per token of the encoder's layers (attention projections and feed-forward; the
+    embeddings, heads and the length-dependent attention scores left out), from ``config.json``: BERT's
+    names, or DistilBERT's. None for a config that names neither."""
+    for hidden, inner, layers in (
+        ("hidden_size", "intermediate_size", "num_hidden_layers"),
+        ("dim", "hidden_dim", "n_layers"),
+    ):
+        if all(isinstance(config.get(k), int) for k in (hidden, inner, layers)):
+            h = config[hidden]
+            return 2 * config[layers] * (4 * h * h + 2 * h * config[inner])
+    return None
+
+
 def _id2label(config: dict) -> dict[int, str]:
     """As ``PretrainedConfig`` reads it: ``id2label``, else ``LABEL_i`` for ``num_labels`` (default 2)."""
     if config.get("id2label"):
@@ -314,6 +329,7 @@ def inspect_model(task: TaskBase) -> ModelInfo:
         weights_sha256=sha256,
         weight_files=tuple(p.name for p in weights),
         details=details,
+        flops_per_token=encoder_flops_per_token(config),
     )
 
 
