@@ -128,7 +128,7 @@ def test_discovery_skips_hidden_files_and_reads_hive_keys(warehouse_folder, tmp_
     )
 
 
-def test_the_reader_names_every_discovered_file_from_its_path(warehouse_folder, tmp_path):
+def test_the_reader_names_every_discovered_file_from_its_path(warehouse_folder):
     """What read tasks carry instead of a table of every file gives each file's url, format and
     partitions as ``discover`` found them: mixed formats in hive folders, one declared format, s3 urls."""
     root, _ = warehouse_folder

@@ -58,8 +58,8 @@ class ShardNaming:
 
     @classmethod
     def of(cls, shards: list[Shard]) -> ShardNaming:
-        first = shards[0] if shards else Shard("", "", "parquet", 0, "")
-        formats = {s.format for s in shards}
+        """The rule for ``shards`` (at least one, all on one filesystem)."""
+        first, formats = shards[0], {s.format for s in shards}
         return cls(
             url_prefix=first.url[: len(first.url) - len(first.path)],
             format=formats.pop() if len(formats) == 1 else None,
