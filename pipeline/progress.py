@@ -40,7 +40,7 @@ class Progress:
     @property
     def rows_per_s_after_first(self) -> float | None:
         """The rate once rows flow: rows after the first batch over the time since it came. On a small
-        node start-up is a large share of a short job (about 25 s of a 200k-row job on 2 cores), so
+        node start-up is a large share of a short job (13-29 s of a 200k-row job on 2 cores, by CPU), so
         this is the rate a longer job approaches, and the one the ETA uses."""
         if self.first_at is None or self.last_at is None or self.last_at <= self.first_at:
             return None
